@@ -1,0 +1,128 @@
+"""Batches on the training device: a device-resident loader (default) and ffcv's streaming Loader.
+
+Both yield (images, labels): images normalized float in channels_last, labels int64, on `device`.
+Augmentation runs on that device, vectorized over the batch.
+"""
+import os
+
+import torch
+
+from .beton import read_beton
+
+# per-channel statistics of the CIFAR-10 training set, 0..255 scale
+MEAN = (125.31, 122.95, 113.87)
+STD = (62.99, 62.09, 66.70)
+
+
+def augment(x, generator, translate=2, flip=True, cutout=0):
+    """Random translate (zero padding), horizontal flip and cutout for a uint8 (B, C, H, W) batch."""
+    b, _, h, w = x.shape
+    dev = x.device
+    if translate:
+        padded = torch.nn.functional.pad(x, (translate,) * 4)
+        dy, dx = (torch.randint(0, 2 * translate + 1, (2, b), device=dev, generator=generator))
+        rows = (dy[:, None] + torch.arange(h, device=dev))[:, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, :]
+        # advanced indexing puts the gathered (B, H, W) dims first: the result is NHWC in memory
+        x = padded[torch.arange(b, device=dev)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+    if flip:
+        mask = torch.rand(b, device=dev, generator=generator) < 0.5
+        x = torch.where(mask[:, None, None, None], x.flip(3), x)
+    if cutout:
+        cy, cx = torch.randint(0, h, (b,), device=dev, generator=generator), \
+            torch.randint(0, w, (b,), device=dev, generator=generator)
+        ys, xs = torch.arange(h, device=dev), torch.arange(w, device=dev)
+        inside = ((ys[None, :, None] - cy[:, None, None]).abs() <= cutout // 2) & \
+                 ((xs[None, None, :] - cx[:, None, None]).abs() <= cutout // 2)
+        x = x * ~inside[:, None]
+    return x
+
+
+def normalize(x, dtype=torch.float32):
+    """uint8 (B, C, H, W) -> normalized float in channels_last."""
+    mean = torch.tensor(MEAN, device=x.device, dtype=dtype).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=x.device, dtype=dtype).view(1, 3, 1, 1)
+    return ((x.to(dtype) - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+class ResidentLoader:
+    """The whole split lives on the device as one uint8 tensor; each batch is augmented there."""
+
+    def __init__(self, beton, batch_size, device, train, seed=0, translate=2, flip=True, cutout=0,
+                 limit=None, drop_last=None):
+        images, labels = read_beton(beton)
+        if limit:
+            images, labels = images[:limit], labels[:limit]
+        # NHWC bytes seen as NCHW: channels_last from the start, no copy
+        self.images = torch.from_numpy(images).to(device).permute(0, 3, 1, 2)
+        self.labels = torch.from_numpy(labels).to(device)
+        self.batch_size, self.device, self.train = batch_size, torch.device(device), train
+        self.aug = dict(translate=translate, flip=flip, cutout=cutout) if train else None
+        self.drop_last = train if drop_last is None else drop_last
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+
+    def __len__(self):
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+
+    def __iter__(self):
+        n = len(self.labels)
+        order = (torch.randperm(n, device=self.device, generator=self.generator) if self.train
+                 else torch.arange(n, device=self.device))
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            x = self.images[idx]
+            if self.aug:
+                x = augment(x, self.generator, **self.aug)
+            yield normalize(x), self.labels[idx]
+
+
+class FFCVLoader:
+    """ffcv's Loader decodes on its CPU workers; the same augmentation then runs after ToDevice."""
+
+    def __init__(self, beton, batch_size, device, train, seed=0, translate=2, flip=True, cutout=0,
+                 num_workers=None, limit=None, drop_last=None):
+        from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
+        device = torch.device(device)
+        self.train, self.device = train, device
+        self.aug = dict(translate=translate, flip=flip, cutout=cutout) if train else None
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+        non_blocking = device.type == "cuda"
+        self.loader = Loader(
+            beton, batch_size=batch_size, num_workers=num_workers or max(1, os.cpu_count() or 1),
+            order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL, seed=seed,
+            drop_last=train if drop_last is None else drop_last,
+            indices=list(range(limit)) if limit else None,
+            pipelines={
+                "image": [SimpleRGBImageDecoder(), ToTensor(), ToDevice(device, non_blocking),
+                          ToTorchImage(channels_last=True)],
+                "label": [IntDecoder(), ToTensor(), Squeeze(-1), ToDevice(device, non_blocking)],
+            })
+
+    def __len__(self):
+        return len(self.loader)
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+
+    def __iter__(self):
+        for x, y in self.loader:
+            if self.aug:
+                x = augment(x, self.generator, **self.aug)
+            yield normalize(x), y.long()
+
+
+LOADERS = {"resident": ResidentLoader, "ffcv": FFCVLoader}

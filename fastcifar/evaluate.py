@@ -1,0 +1,84 @@
+"""Score a checkpoint on any CIFAR-10 source.
+
+    python -m fastcifar.evaluate --checkpoint runs/bn/model.pt --data PATH [--json OUT.json]
+"""
+import argparse
+import contextlib
+import json
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .data import CLASSES, DataError, default_beton_dir, ensure_betons, resolve_source
+from .data.beton import atomic_write_json
+from .data.loaders import ResidentLoader
+from .models import make_model
+
+
+@torch.no_grad()
+def evaluate(model, loader, autocast=contextlib.nullcontext, tta=False):
+    """Returns (mean loss, accuracy, predictions as a device tensor). One host sync, at the end."""
+    model.eval()
+    loss_sum = torch.zeros((), device=loader.device)
+    preds = []
+    for x, y in loader:
+        with autocast():
+            logits = model(x)
+            if tta:  # mirror-image test-time augmentation: averaged with the flipped view
+                logits = logits + model(x.flip(3))
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+        preds.append(logits.argmax(1))
+    preds = torch.cat(preds)
+    n = len(preds)
+    acc = (preds == loader.labels[:n]).float().mean()
+    return (loss_sum / n).item(), acc.item(), preds
+
+
+def per_class_accuracy(labels, preds):
+    return {c: float((preds[labels == i] == i).mean()) for i, c in enumerate(CLASSES)}
+
+
+def pick_device(name="auto"):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m fastcifar.evaluate", description="Score a fastcifar checkpoint.")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", help="CIFAR-10 source (default: $FASTCIFAR_DATA, else download)")
+    p.add_argument("--beton-dir", help="where converted betons are cached")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--json", help="also write the scores to this JSON file")
+    args = p.parse_args(argv)
+    try:
+        device = pick_device(args.device)
+        ckpt = load_checkpoint(args.checkpoint)
+        model = make_model(**ckpt["model_config"]).to(device)
+        model.load_state_dict(ckpt["model"])
+        source = resolve_source(args.data)
+        folder = args.beton_dir or default_beton_dir(source)
+        manifest = ensure_betons(source, folder)
+        loader = ResidentLoader(f"{folder}/test.beton", args.batch_size, device, train=False)
+    except (DataError, CheckpointError) as e:
+        sys.exit(f"error: {e}")
+    loss, acc, preds = evaluate(model, loader)
+    labels = loader.labels.cpu().numpy()
+    per_class = per_class_accuracy(labels, preds.cpu().numpy())
+    print(f"test accuracy {100 * acc:.2f}%  loss {loss:.4f}  on {manifest['description']}")
+    for c, a in per_class.items():
+        print(f"  {c:<10} {100 * a:6.2f}%")
+    if args.json:
+        atomic_write_json(args.json, {"checkpoint": args.checkpoint, "dataset": manifest["description"],
+                                      "test_acc": acc, "test_loss": loss, "per_class": per_class})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Figures a person would rather look at than read: training curves and misclassified images."""
+import os
+import tempfile
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path):
+    # rename into place so a reader never sees a half-written PNG
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        _plt().close(fig)
+
+
+def plot_curves(history, path, target=None, title=""):
+    plt = _plt()
+    ep = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(ep, [h["train_loss"] for h in history], "o-", label="train")
+    a.plot(ep, [h["test_loss"] for h in history], "o-", label="test")
+    a.set(xlabel="epoch", ylabel="loss", title="loss")
+    b.plot(ep, [100 * h["train_acc"] for h in history], "o-", label="train")
+    b.plot(ep, [100 * h["test_acc"] for h in history], "o-", label="test")
+    if target:
+        b.axhline(100 * target, color="gray", ls="--", lw=1, label=f"target {100 * target:.0f}%")
+    b.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+def plot_misclassified(images, labels, preds, classes, path, n=20):
+    """images: uint8 (N, 32, 32, 3); shows the first n test images the model got wrong."""
+    plt = _plt()
+    wrong = np.flatnonzero(labels != preds)[:n]
+    cols = 5
+    rows = max(1, -(-len(wrong) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2.3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, wrong):
+        ax.imshow(images[i], interpolation="nearest")
+        ax.set_title(f"true: {classes[labels[i]]}\npred: {classes[preds[i]]}", fontsize=8)
+    fig.suptitle(f"misclassified test images ({len(wrong)} of {int((labels != preds).sum())} shown)")
+    _save(fig, path)
