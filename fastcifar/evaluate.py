@@ -7,12 +7,11 @@ import contextlib
 import json
 import sys
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, load_checkpoint
-from .data import CLASSES, DataError, default_beton_dir, ensure_betons, resolve_source
+from .data import CLASSES, DataError, prepare_betons, resolve_source
 from .data.beton import atomic_write_json
 from .data.loaders import ResidentLoader
 from .models import make_model
@@ -63,9 +62,7 @@ def main(argv=None):
         ckpt = load_checkpoint(args.checkpoint)
         model = make_model(**ckpt["model_config"]).to(device)
         model.load_state_dict(ckpt["model"])
-        source = resolve_source(args.data)
-        folder = args.beton_dir or default_beton_dir(source)
-        manifest = ensure_betons(source, folder)
+        folder, manifest = prepare_betons(resolve_source(args.data), args.beton_dir)
         loader = ResidentLoader(f"{folder}/test.beton", args.batch_size, device, train=False)
     except (DataError, CheckpointError) as e:
         sys.exit(f"error: {e}")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .data import CLASSES, DataError, default_beton_dir, ensure_betons, resolve_source
+from .data import CLASSES, DataError, prepare_betons, resolve_source
 from .data.beton import atomic_write_json
 from .data.loaders import LOADERS
 from .evaluate import evaluate, per_class_accuracy, pick_device
@@ -57,7 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--loader", default="resident", choices=sorted(LOADERS))
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
-    p.add_argument("--data", help="CIFAR-10 source (default: $FASTCIFAR_DATA, else download the official one)")
+    p.add_argument("--data", help="CIFAR-10 source or a folder of converted betons "
+                                   "(default: $FASTCIFAR_DATA, else download the official one)")
     p.add_argument("--beton-dir", help="where converted betons are cached (default: ~/.cache/fastcifar)")
     p.add_argument("--limit", type=int, help="use only the first N train and test images (smoke tests)")
     p.add_argument("--out", default="runs/latest", help="folder for metrics.json, model.pt and plots")
@@ -133,9 +134,7 @@ def train(args):
                       "this run is recorded as within_budget=false !!!", stacklevel=2)
 
     # ---- data: convert once to betons, then batches live on the device
-    source = resolve_source(args.data)
-    beton_dir = args.beton_dir or default_beton_dir(source)
-    manifest = ensure_betons(source, beton_dir)
+    beton_dir, manifest = prepare_betons(resolve_source(args.data), args.beton_dir)
     Loader = LOADERS[args.loader]
     train_loader = Loader(f"{beton_dir}/train.beton", args.batch_size, device, train=True, seed=args.seed,
                           cutout=args.cutout, limit=args.limit)

@@ -84,21 +84,46 @@ def write_beton(split, path, num_workers=None):
         raise
 
 
-def _manifest_ok(folder, fingerprint):
+def check_manifest(folder, fingerprint=None):
+    """The manifest if both betons match it (and the source's fingerprint, if given); else why not."""
     try:
         with open(os.path.join(folder, MANIFEST)) as f:
             m = json.load(f)
-        if m.get("format_version") != FORMAT_VERSION or m.get("source") != fingerprint:
-            return None
+        if m.get("format_version") != FORMAT_VERSION:
+            return None, f"format version {m.get('format_version')} is not {FORMAT_VERSION}"
+        if fingerprint is not None and m.get("source") != fingerprint:
+            return None, "the source changed since conversion"
         for split in SPLITS:
             info = m["splits"][split]
             p = os.path.join(folder, f"{split}.beton")
-            # size is cheap; the hash catches a same-size beton truncated and padded or overwritten
+            # size is cheap; the hash catches a same-size beton that was overwritten
             if os.path.getsize(p) != info["bytes"] or _sha256(p) != info["sha256"]:
-                return None
-        return m
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+                return None, f"{split}.beton is truncated or corrupt (it does not match {MANIFEST})"
+        return m, None
+    except FileNotFoundError as e:
+        return None, f"{os.path.basename(e.filename or '')} is missing"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return None, f"unreadable {MANIFEST} ({type(e).__name__})"
+
+
+def _manifest_ok(folder, fingerprint):
+    return check_manifest(folder, fingerprint)[0]
+
+
+def is_beton_folder(path):
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, MANIFEST))
+
+
+def prepare_betons(source, beton_dir=None, progress=print):
+    """(folder, manifest) of valid betons: a converted folder as given, else the source converted once."""
+    if is_beton_folder(source):
+        m, why = check_manifest(source)
+        if m is None:
+            raise DataError(f"{source}: beton folder is not usable: {why}; "
+                            "re-create it with python -m fastcifar.data")
+        return source, m
+    folder = beton_dir or default_beton_dir(source)
+    return folder, ensure_betons(source, folder, progress)
 
 
 def ensure_betons(source, folder, progress=print):

@@ -1,4 +1,5 @@
 """Read CIFAR-10 from the official python distribution or from an image-folder tree/tarball."""
+import codecs
 import io
 import os
 import pickle
@@ -54,6 +55,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "scalar"): _multiarray.scalar,
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
+        # Python 3 writers of protocol 2 spell bytes as _codecs.encode(str, "latin1"): harmless
+        ("_codecs", "encode"): codecs.encode,
     }
 
     def find_class(self, module, name):
