@@ -1,0 +1,135 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastcifar import train as train_mod
+from fastcifar.checkpoint import load_checkpoint
+
+HISTORY_KEYS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "train_time_s"}
+REQUIRED = {"norm", "params", "epochs_run", "within_budget", "device", "dataset", "history",
+            "time_to_target_s", "epochs_to_target", "final_test_acc", "best_test_acc"}
+
+
+def run(tmp_path, source, *extra, out="out"):
+    out = str(tmp_path / out)
+    argv = ["--data", source, "--out", out, "--batch-size", "32", "--quiet", "--device", "cpu", *extra]
+    return train_mod.train(train_mod.parse_args(argv)), out
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn", "ln"])
+def test_cli_smoke_writes_all_artefacts(tmp_path, small_source, norm):
+    metrics, out = run(tmp_path, small_source, "--norm", norm, "--epochs", "2", "--target-acc", "0.01")
+    on_disk = json.load(open(os.path.join(out, "metrics.json")))
+    assert REQUIRED <= set(on_disk) and on_disk["status"] == "done"
+    assert on_disk["norm"] == norm and on_disk["within_budget"] is True and on_disk["params"] <= 50_000
+    assert "tarball" in on_disk["dataset"]
+    assert [h["epoch"] for h in on_disk["history"]] == [1] and HISTORY_KEYS <= set(on_disk["history"][0])
+    assert on_disk["epochs_to_target"] == 1  # stop-at-target from the default preset
+    for f in ("model.pt", "curves.png", "misclassified.png"):
+        assert os.path.getsize(os.path.join(out, f)) > 0
+    assert load_checkpoint(os.path.join(out, "model.pt"))["model_config"]["norm"] == norm
+
+
+def test_unreached_target_is_null_and_time_is_cumulative(tmp_path, small_source):
+    metrics, _ = run(tmp_path, small_source, "--epochs", "3", "--target-acc", "1.0", "--no-plots")
+    assert metrics["time_to_target_s"] is None and metrics["epochs_to_target"] is None
+    times = [h["train_time_s"] for h in metrics["history"]]
+    assert len(times) == 3 and times == sorted(times) and times[0] > 0
+    assert metrics["best_test_acc"] == max(h["test_acc"] for h in metrics["history"])
+
+
+def test_over_budget_is_loud_and_recorded(tmp_path, small_source):
+    with pytest.warns(UserWarning, match="over the 20-epoch budget"):
+        metrics, _ = run(tmp_path, small_source, "--epochs", "21", "--limit", "40", "--no-plots",
+                         "--target-acc", "0.01")
+    assert metrics["within_budget"] is False
+
+
+def test_same_seed_is_bit_identical_on_cpu(tmp_path, small_source):
+    a, _ = run(tmp_path, small_source, "--epochs", "2", "--stop-at-target", "--target-acc", "1.0",
+               "--no-plots", "--seed", "5", out="a")
+    b, _ = run(tmp_path, small_source, "--epochs", "2", "--stop-at-target", "--target-acc", "1.0",
+               "--no-plots", "--seed", "5", out="b")
+    strip = lambda m: [{k: v for k, v in h.items() if not k.endswith("time_s")} for h in m["history"]]
+    assert strip(a) == strip(b)
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, small_source):
+    common = ["--preset", "best", "--epochs", "3", "--no-plots", "--seed", "2"]
+    full, _ = run(tmp_path, small_source, *common, out="full")
+    # stop after epoch 1 (same schedule length), then resume
+    part_args = train_mod.parse_args(["--data", small_source, "--out", str(tmp_path / "part"), "--batch-size", "32",
+                                      "--quiet", "--device", "cpu", *common])
+    orig = train_mod.evaluate
+    calls = []
+
+    def interrupt_after_first(*a, **k):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return orig(*a, **k)
+    train_mod.evaluate = interrupt_after_first
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_mod.train(part_args)
+    finally:
+        train_mod.evaluate = orig
+    assert load_checkpoint(str(tmp_path / "part" / "model.pt"))["epoch"] == 1
+    resumed = train_mod.train(train_mod.parse_args(["--resume", str(tmp_path / "part"), "--data", small_source,
+                                                    "--batch-size", "32", "--quiet", "--device", "cpu", *common]))
+    strip = lambda m: [(h["epoch"], h["train_loss"], h["test_acc"]) for h in m["history"]]
+    assert strip(resumed) == strip(full)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_checkpoint(tmp_path, small_source, monkeypatch):
+    real = torch.nn.functional.cross_entropy
+    n = {"calls": 0}
+
+    def poisoned(logits, y, **kw):
+        n["calls"] += 1
+        loss = real(logits, y, **kw)
+        return loss * float("nan") if n["calls"] > 8 and kw.get("label_smoothing") is not None else loss
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", poisoned)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step \d+"):
+        run(tmp_path, small_source, "--epochs", "3", "--preset", "best", "--no-plots")
+    out = tmp_path / "out"
+    m = json.load(open(out / "metrics.json"))
+    assert m["status"] == "failed" and "non-finite" in m["error"]
+    assert load_checkpoint(str(out / "model.pt"))["epoch"] >= 1
+
+
+def cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "fastcifar.train", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--norm", "xyz"], "invalid choice: 'xyz'"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--lr", "-0.1"], "--lr must be positive"),
+])
+def test_bad_arguments_exit_cleanly(args, msg):
+    r = cli(*args)
+    assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_data_path_exits_cleanly(tmp_path):
+    r = cli("--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"),
+            env={"FASTCIFAR_CACHE": str(tmp_path / "c")})
+    assert r.returncode == 1 and "no such file or folder" in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0
+
+
+def test_evaluate_cli_scores_a_checkpoint(tmp_path, small_source):
+    metrics, out = run(tmp_path, small_source, "--epochs", "1", "--no-plots")
+    r = subprocess.run([sys.executable, "-m", "fastcifar.evaluate", "--checkpoint", f"{out}/model.pt",
+                        "--data", small_source, "--json", str(tmp_path / "e.json"), "--device", "cpu"],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "FASTCIFAR_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr
+    e = json.load(open(tmp_path / "e.json"))
+    assert e["test_acc"] == pytest.approx(metrics["final_test_acc"]) and set(e["per_class"]) >= {"cat", "truck"}
