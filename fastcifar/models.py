@@ -11,8 +11,12 @@ PARAM_BUDGET = 50_000
 NORMS = ("bn", "gn", "ln")
 
 
-def num_groups(norm, channels, group_size=8):
-    return 1 if norm == "ln" else max(1, channels // group_size)
+def num_groups(norm, channels, min_group_size=8):
+    """LN: one group. GN: the most groups that divide C and keep at least `min_group_size` channels each."""
+    if norm == "ln":
+        return 1
+    return max(g for g in range(1, channels + 1) if channels % g == 0 and channels // g >= min_group_size) \
+        if channels >= min_group_size else 1
 
 
 def norm_relu(norm, channels, fused=False):
