@@ -124,8 +124,6 @@ def train(args):
         args.out = args.resume
     os.makedirs(args.out, exist_ok=True)
     device = pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     fused = resolve_fused(args.fused_norm, args.norm, device)
     within_budget = args.epochs <= EPOCH_BUDGET
@@ -139,6 +137,8 @@ def train(args):
     train_loader = Loader(f"{beton_dir}/train.beton", args.batch_size, device, train=True, seed=args.seed,
                           cutout=args.cutout, limit=args.limit)
     test_loader = LOADERS["resident"](f"{beton_dir}/test.beton", 1000, device, train=False, limit=args.limit)
+    # after the loaders: ffcv sets torch's thread count when it is imported and when a Loader starts
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
 
     # ---- model
     model_config = {"norm": args.norm, "fused": fused}
