@@ -30,7 +30,7 @@ def plot_curves(history, path, target=None, title=""):
     plt = _plt()
     ep = [h["epoch"] for h in history]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(ep, [h["train_loss"] for h in history], "o-", label="train")
+    a.plot(ep, [h["train_loss"] for h in history], "o-", label="train (label-smoothed)")
     a.plot(ep, [h["test_loss"] for h in history], "o-", label="test")
     a.set(xlabel="epoch", ylabel="loss", title="loss")
     b.plot(ep, [100 * h["train_acc"] for h in history], "o-", label="train")
@@ -48,7 +48,10 @@ def plot_curves(history, path, target=None, title=""):
 def plot_misclassified(images, labels, preds, classes, path, n=20):
     """images: uint8 (N, 32, 32, 3); shows the first n test images the model got wrong."""
     plt = _plt()
-    wrong = np.flatnonzero(labels != preds)[:n]
+    wrong_all = np.flatnonzero(labels != preds)
+    # a few from every true class rather than the first n, which would all be airplanes
+    by_class = [wrong_all[labels[wrong_all] == c] for c in range(len(classes))]
+    wrong = [w[i] for i in range(n) for w in by_class if i < len(w)][:n]
     cols = 5
     rows = max(1, -(-len(wrong) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2.3 * rows), squeeze=False)
@@ -57,5 +60,5 @@ def plot_misclassified(images, labels, preds, classes, path, n=20):
     for ax, i in zip(axes.flat, wrong):
         ax.imshow(images[i], interpolation="nearest")
         ax.set_title(f"true: {classes[labels[i]]}\npred: {classes[preds[i]]}", fontsize=8)
-    fig.suptitle(f"misclassified test images ({len(wrong)} of {int((labels != preds).sum())} shown)")
+    fig.suptitle(f"misclassified test images ({len(wrong)} of {len(wrong_all)} shown)")
     _save(fig, path)
