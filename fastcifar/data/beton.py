@@ -3,7 +3,9 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import multiprocessing.util
 import os
+import signal
 import tempfile
 
 import numpy as np
@@ -65,15 +67,59 @@ class _ArrayDataset:
         return self.split.images[i], int(self.split.labels[i])
 
 
+_PAGE = 1 << 23  # ffcv's default page size, named so the space estimate below uses the same
+
+
+def _beton_bytes_bound(n, num_workers, image_bytes=32 * 32 * 3, chunk=100):
+    """An upper bound on the size of a beton of n raw images. ffcv writes whole pages: the header and
+    per-sample metadata take the first ones, each worker (one per chunk of samples at most) fills pages of
+    its own and ends on a partly filled one, and the allocation table follows the last page."""
+    workers = max(1, min(num_workers, -(-n // chunk)))
+    pages = -(-(4096 + 64 * n) // _PAGE) + -(-n // (_PAGE // image_bytes)) + workers
+    return pages * _PAGE + 64 * n
+
+
+def _check_free_space(path, need):
+    # ffcv's writer hangs for ever when a worker process dies on a full disk (the parent waits on a queue
+    # the dead worker never fills), so refuse up front rather than start a conversion that cannot finish
+    try:
+        st = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    except (OSError, AttributeError):  # no statvfs: nothing to check
+        return
+    free = st.f_bavail * st.f_frsize
+    if free < need:
+        raise DataError(f"not enough free disk space for {os.path.basename(path)} in "
+                        f"{os.path.dirname(os.path.abspath(path))}: it needs up to {need / 1e6:.0f} MB, "
+                        f"{free / 1e6:.0f} MB are free")
+
+
+def _leave_quietly(*_):
+    raise SystemExit(130)
+
+
+def _quiet_on_ctrl_c(_):
+    # runs in each forked ffcv writer worker: Ctrl-C reaches the whole process group and the parent reports
+    # it; without this every worker would print a KeyboardInterrupt traceback beside that message
+    signal.signal(signal.SIGINT, _leave_quietly)
+
+
+class _ForkHook:  # multiprocessing keeps after-fork hooks only while their object lives
+    pass
+
+
 def write_beton(split, path, num_workers=None):
     """Write one split with ffcv's DatasetWriter under a temporary name, then rename it into place."""
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
     tmp = f"{path}.partial-{os.getpid()}"
+    num_workers = num_workers or max(1, os.cpu_count() or 1)
+    _check_free_space(path, _beton_bytes_bound(len(split), num_workers))
+    writer, hook = None, _ForkHook()
+    multiprocessing.util.register_after_fork(hook, _quiet_on_ctrl_c)
     try:
         # raw mode: 32x32 images are tiny and stay bit-exact
         writer = DatasetWriter(tmp, {"image": RGBImageField(write_mode="raw"), "label": IntField()},
-                               num_workers=num_workers or max(1, os.cpu_count() or 1))
+                               num_workers=num_workers, page_size=_PAGE)
         writer.from_indexed_dataset(_ArrayDataset(split))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -81,6 +127,14 @@ def write_beton(split, path, num_workers=None):
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        # ffcv unlinks its shared metadata block only after a complete write; interrupted, it would be left
+        # to the resource tracker, which complains about a leak after our own message
+        shm = getattr(writer, "metadata_sm", None)
+        if hasattr(shm, "unlink"):
+            with contextlib.suppress(Exception):
+                shm.unlink()
+            with contextlib.suppress(Exception):
+                shm.close()
         raise
 
 
@@ -89,8 +143,12 @@ def check_manifest(folder, fingerprint=None):
     try:
         with open(os.path.join(folder, MANIFEST)) as f:
             m = json.load(f)
+        if not isinstance(m, dict):
+            return None, f"unreadable {MANIFEST} (not a JSON object)"
         if m.get("format_version") != FORMAT_VERSION:
             return None, f"format version {m.get('format_version')} is not {FORMAT_VERSION}"
+        if not _consistent(m):
+            return None, f"{MANIFEST} is damaged (its fields do not agree with each other)"
         if fingerprint is not None and m.get("source") != fingerprint:
             return None, "the source changed since conversion"
         for split in SPLITS:
@@ -104,6 +162,22 @@ def check_manifest(folder, fingerprint=None):
         return None, f"{os.path.basename(e.filename or '')} is missing"
     except (OSError, ValueError, KeyError, TypeError) as e:
         return None, f"unreadable {MANIFEST} ({type(e).__name__})"
+
+
+def _consistent(m):
+    """A damaged manifest can still parse: its fields must have the shapes ensure_betons writes and agree."""
+    splits = m.get("splits")
+    if m.get("classes") != list(CLASSES) or not isinstance(m.get("description"), str) \
+            or not isinstance(splits, dict) or set(splits) != set(SPLITS):
+        return False
+    for info in splits.values():
+        counts = info.get("per_class") if isinstance(info, dict) else None
+        if not (isinstance(counts, list) and len(counts) == len(CLASSES)
+                and all(type(c) is int and c >= 0 for c in counts) and info.get("images") == sum(counts)
+                and type(info.get("images")) is int and type(info.get("bytes")) is int
+                and isinstance(info.get("sha256"), str)):
+            return False
+    return True
 
 
 def _manifest_ok(folder, fingerprint):
@@ -139,6 +213,7 @@ def ensure_betons(source, folder, progress=print):
             return m
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(folder, MANIFEST))  # betons below are stale until a new manifest says so
+        _remove_leftovers(folder)
         progress(f"converting {source} to FFCV betons in {folder} (once)")
         ds = read_source(source)
         m = {"format_version": FORMAT_VERSION, "source": fingerprint, "description": ds.description,
@@ -152,8 +227,20 @@ def ensure_betons(source, folder, progress=print):
         return m
 
 
+def _remove_leftovers(folder):
+    """Partial betons and manifest temp files of a killed conversion. Called with the folder's lock held:
+    every writer holds it, so whatever is found is stale, not another process's work in progress."""
+    prefixes = tuple(f"{split}.beton.partial-" for split in SPLITS) + (f".{MANIFEST}.",)
+    for name in os.listdir(folder):
+        if name.startswith(prefixes):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, name))
+
+
 def read_beton(path, num_workers=None):
     """Decode a whole beton with ffcv's Loader into (images uint8 (N,32,32,3), labels int64 (N,))."""
+    import torch
+    threads = torch.get_num_threads()  # before the import: importing ffcv sets torch to one thread
     from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
     try:
@@ -163,7 +250,14 @@ def read_beton(path, num_workers=None):
         xs, ys = zip(*[(x.copy(), y.copy()) for x, y in loader])
     except Exception as e:  # ffcv raises assorted errors on a damaged file
         raise DataError(f"{path}: not a readable beton ({type(e).__name__}: {e})") from None
-    return np.concatenate(xs), np.concatenate(ys).reshape(-1).astype(np.int64)
+    finally:
+        torch.set_num_threads(threads)  # ffcv's Loader sets torch's thread count to its worker count
+    images, labels = np.concatenate(xs), np.concatenate(ys).reshape(-1).astype(np.int64)
+    # ffcv checks nothing: a damaged beton decodes to wrong pixels or labels. Only the manifest's sha256
+    # (prepare_betons, ensure_betons) catches the former; an impossible label at least is caught here.
+    if images.shape[1:] != (32, 32, 3) or (labels.size and (labels.min() < 0 or labels.max() >= len(CLASSES))):
+        raise DataError(f"{path}: damaged beton (images of shape {images.shape[1:]} or labels outside 0..9)")
+    return images, labels
 
 
 def default_beton_dir(source):

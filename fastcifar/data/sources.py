@@ -5,6 +5,7 @@ import os
 import pickle
 import re
 import tarfile
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,11 +67,16 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"forbidden global {module}.{name}") from None
 
 
+def _one_line(e):
+    # DataError messages are shown as they are, on one line; tarfile's "r:*" lists each method on its own
+    return " ".join(str(e).split())
+
+
 def _load_batch(fileobj, what):
     try:
         d = _RestrictedUnpickler(fileobj, encoding="bytes").load()
     except Exception as e:  # any malformed pickle is a data error, never a crash
-        raise DataError(f"{what}: not a readable CIFAR-10 batch file ({type(e).__name__}: {e})") from None
+        raise DataError(f"{what}: not a readable CIFAR-10 batch file ({type(e).__name__}: {_one_line(e)})") from None
     if not isinstance(d, dict):
         raise DataError(f"{what}: not a CIFAR-10 batch file (no dict inside)")
     d = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in d.items()}
@@ -172,15 +178,32 @@ def _read_image_dir(path):
     return _collect(entries(), path)
 
 
+def _check_tar_end(tf):
+    # tarfile stops listing members at the first bad header after the first one, as if the archive ended
+    # there: a damaged tarball would read "successfully" with images missing. A complete archive has only
+    # zero blocks after its last member; reading to the end also makes gzip check its CRC.
+    tf.fileobj.seek(tf.offset)
+    for chunk in iter(lambda: tf.fileobj.read(1 << 20), b""):
+        if chunk.strip(b"\0"):
+            raise tarfile.ReadError(f"damaged member header at byte {tf.offset}, after {len(tf.members)} members")
+
+
 def _read_tar(path):
     try:
         with tarfile.open(path, "r:*") as tf:
             members = tf.getmembers()
             if any(os.path.basename(m.name) == "data_batch_1" for m in members):
-                return _read_official_tar(tf, path, members), "official python tarball"
-            blobs = [(m.name, tf.extractfile(m).read()) for m in members if m.isfile()]
-    except (tarfile.TarError, EOFError, OSError, ValueError) as e:  # zlib errors are OSError subclasses
-        raise DataError(f"{path}: not a readable tarball ({type(e).__name__}: {e})") from None
+                splits, kind = _read_official_tar(tf, path, members), "official python tarball"
+            else:
+                blobs, kind = [(m.name, tf.extractfile(m).read()) for m in members if m.isfile()], None
+            _check_tar_end(tf)  # after the members were read: a forward seek, no second pass through gzip
+    except DataError:
+        raise
+    # gzip's own errors are OSError subclasses, but a damaged deflate stream raises zlib.error
+    except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as e:
+        raise DataError(f"{path}: not a readable tarball ({type(e).__name__}: {_one_line(e)})") from None
+    if kind:
+        return splits, kind
     return _collect(((name, (lambda b=b: b)) for name, b in blobs), path), "image-folder tarball"
 
 
