@@ -503,14 +503,14 @@ def group_norm_relu(x, num_groups, weight=None, bias=None, eps=1e-5):
 # nn.Module
 # ---------------------------------------------------------------------------------------------
 class GroupNormReLU(nn.Module):
-    """Drop-in for nn.Sequential(nn.GroupNorm(num_groups, num_channels, eps, affine), nn.ReLU()).
+    """Drop-in for nn.Sequential(nn.GroupNorm(num_groups, num_channels, eps, affine, bias=bias), nn.ReLU()).
 
     Parameters are named and initialised like nn.GroupNorm's (weight=1, bias=0), so an
     nn.GroupNorm state_dict loads as is. num_groups=1 gives LayerNorm over (C, H, W) with a
     per-channel affine.
     """
 
-    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, device=None, dtype=None):
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, device=None, dtype=None, *, bias=True):
         super().__init__()
         if num_groups <= 0 or num_channels % num_groups != 0:
             raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})")
@@ -520,19 +520,23 @@ class GroupNormReLU(nn.Module):
         self.affine = affine
         if affine:
             self.weight = nn.Parameter(torch.empty(num_channels, device=device, dtype=dtype))
-            self.bias = nn.Parameter(torch.empty(num_channels, device=device, dtype=dtype))
         else:
             self.register_parameter("weight", None)
+        if affine and bias:
+            self.bias = nn.Parameter(torch.empty(num_channels, device=device, dtype=dtype))
+        else:
             self.register_parameter("bias", None)
         self.reset_parameters()
 
     def reset_parameters(self):
-        if self.affine:
+        if self.weight is not None:
             nn.init.ones_(self.weight)
+        if self.bias is not None:
             nn.init.zeros_(self.bias)
 
     def forward(self, x):
         return group_norm_relu(x, self.num_groups, self.weight, self.bias, self.eps)
 
     def extra_repr(self):
-        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
+        return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
+                f"bias={self.bias is not None}")

@@ -1,0 +1,484 @@
+"""Fused GroupNorm+ReLU (fastcifar_kernels): forward and all gradients against a float64 torch reference.
+
+Error measure everywhere: rel(a, b) = max|a - b| / max(max|b|, 1e-6) with b the float64 reference.
+fp32 results must be within 1e-5.
+
+Without a GPU the Triton kernels run in the Triton interpreter on CPU tensors; with one, the same
+tests run the compiled kernels on CUDA tensors, plus the fp16/bf16/compile tests marked for CUDA.
+"""
+import os
+import shutil
+
+# triton.jit picks interpreted vs compiled when a kernel is defined, so TRITON_INTERPRET has to be
+# set before the kernels module (and triton) is imported. Only without an NVIDIA device: with one we
+# want the compiled kernels, and torch cannot be asked yet (importing it comes after this).
+_NVIDIA_VISIBLE = os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi") is not None
+if not _NVIDIA_VISIBLE:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import random  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _import_kernels():
+    try:
+        import fastcifar_kernels  # installed: setup.py maps kernels/ to this name
+    except ImportError:  # a bare checkout: load kernels/ under the same name
+        spec = importlib.util.spec_from_file_location(
+            "fastcifar_kernels", os.path.join(ROOT, "kernels", "__init__.py"),
+            submodule_search_locations=[os.path.join(ROOT, "kernels")])
+        fastcifar_kernels = importlib.util.module_from_spec(spec)
+        sys.modules["fastcifar_kernels"] = fastcifar_kernels
+        spec.loader.exec_module(fastcifar_kernels)
+    return fastcifar_kernels
+
+
+fk = _import_kernels()
+# the function group_norm_relu shadows the submodule as an attribute, so fetch the module itself
+impl = importlib.import_module("fastcifar_kernels.group_norm_relu")
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+FORMATS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
+TOL = 1e-5
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="fp16/bf16 and compiled-kernel checks need a CUDA device")
+needs_fused = pytest.mark.skipif(not fk.fused_available(DEV),
+                                 reason="Triton cannot run here (no CUDA and TRITON_INTERPRET unset at import)")
+
+
+# ------------------------------------------------------------------------------------------------
+# shapes
+# ------------------------------------------------------------------------------------------------
+def _model_norm_shapes():
+    """(C, H, W, G) of every nn.GroupNorm input in the project's gn and ln models (hooks on a real run)."""
+    try:
+        from fastcifar.models import make_model
+        shapes = []
+        for norm in ("gn", "ln"):
+            model = make_model(norm)
+            hooks = [m.register_forward_hook(
+                lambda m, inp, out: shapes.append((*inp[0].shape[1:], m.num_groups)))
+                for m in model.modules() if isinstance(m, nn.GroupNorm)]
+            with torch.no_grad():
+                model(torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last))
+            for h in hooks:
+                h.remove()
+        if shapes:
+            return sorted(set(shapes)), "model"
+    except Exception:  # the model module is missing or broken: its own tests say so
+        pass
+    return [(24, 32, 32, 1), (24, 32, 32, 6), (32, 16, 16, 8), (48, 16, 16, 12), (64, 8, 8, 1),
+            (96, 8, 8, 8), (96, 8, 8, 24)], "fallback"
+
+
+MODEL_SHAPES, MODEL_SHAPES_SOURCE = _model_norm_shapes()
+
+# (N, C, H, W), G, affine: odd sizes, 1x1, batch 1, G=1, G=C, W=1, a large G=1 group
+EDGE_CASES = [
+    ((3, 6, 7, 5), 3, True),
+    ((3, 6, 7, 5), 3, False),
+    ((2, 16, 1, 1), 1, True),
+    ((2, 16, 1, 1), 2, True),
+    ((2, 16, 1, 1), 16, True),  # one element per group: xhat = 0, dx = 0
+    ((1, 12, 5, 3), 1, False),
+    ((1, 12, 5, 3), 4, True),
+    ((2, 24, 8, 8), 24, True),
+    ((1, 5, 9, 1), 5, True),
+    ((1, 32, 32, 32), 1, True),  # 32K-element group: the tiled loops
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+def rel(a, b):
+    """max|a - b| / max|b|; the denominator is floored at 1e-6 because some exact gradients are
+    all zero (one element per group gives dx = 0) and float64 torch returns ~1e-14 noise there."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    assert a.shape == b.shape
+    if b.numel() == 0:
+        return 0.0
+    return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-6)
+
+
+def fresh_seed():
+    return random.SystemRandom().randrange(2 ** 31)
+
+
+def make_inputs(shape, G, fmt="nchw", affine=True, seed=None, device=DEV, dtype=torch.float32):
+    """x with a per-channel offset and scale (so the mean matters), weight ~1, bias near zero
+    (so about half the outputs are clipped by the ReLU), and a random dy."""
+    seed = fresh_seed() if seed is None else seed
+    g = torch.Generator().manual_seed(seed)
+    N, C, H, W = shape
+    x = torch.randn(shape, generator=g) * (0.5 + 1.5 * torch.rand(1, C, 1, 1, generator=g)) \
+        + 3 * (2 * torch.rand(1, C, 1, 1, generator=g) - 1)
+    w = 1 + 0.2 * torch.randn(C, generator=g) if affine else None
+    b = 0.05 * torch.randn(C, generator=g) if affine else None
+    dy = torch.randn(shape, generator=g)
+    to = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    x = to(x).to(memory_format=FORMATS[fmt])
+    return x, to(w), to(b), to(dy), seed
+
+
+def reference(x, G, w, b, dy, eps=1e-5):
+    """float64 F.group_norm then relu: y, (dx, dw, db), xhat."""
+    leaf = lambda t: None if t is None else t.detach().double().cpu().requires_grad_()  # noqa: E731
+    x64, w64, b64 = leaf(x), leaf(w), leaf(b)
+    y = F.relu(F.group_norm(x64, G, w64, b64, eps))
+    grads = torch.autograd.grad(y, [t for t in (x64, w64, b64) if t is not None], dy.double().cpu())
+    it = iter(grads)
+    dx = next(it)
+    dw = next(it) if w is not None else None
+    db = next(it) if b is not None else None
+    xhat = F.group_norm(x64.detach(), G, None, None, eps)
+    return y.detach(), (dx, dw, db), xhat
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every buffer the kernels allocate starts as NaN, so an element they never write shows up.
+    Returns the list of allocations (non-empty proves the Triton path ran)."""
+    calls = []
+
+    def empty_like(x):
+        calls.append(tuple(x.shape))
+        return torch.full_like(x, float("nan"), memory_format=torch.preserve_format)
+
+    def empty(shape, dtype, device):
+        calls.append(tuple(shape))
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(impl, "_empty_like", empty_like)
+    monkeypatch.setattr(impl, "_empty", empty)
+    return calls
+
+
+def run_fused(x, G, w, b, dy, eps=1e-5):
+    """Public API with autograd: y and the grads of x, w, b."""
+    leaf = lambda t: None if t is None else t.detach().clone().requires_grad_()  # noqa: E731
+    x_, w_, b_ = leaf(x), leaf(w), leaf(b)  # clone() keeps x's strides
+    y = fk.group_norm_relu(x_, G, w_, b_, eps)
+    grads = torch.autograd.grad(y, [t for t in (x_, w_, b_) if t is not None], dy)
+    it = iter(grads)
+    return y, (next(it), next(it) if w is not None else None, next(it) if b is not None else None)
+
+
+def check_against_reference(x, G, w, b, dy, seed, tol=TOL, y=None, grads=None):
+    if y is None:
+        y, grads = run_fused(x, G, w, b, dy)
+    y_ref, grads_ref, xhat = reference(x, G, w, b, dy)
+    msg = f"shape={tuple(x.shape)} G={G} seed={seed}"
+    assert torch.isfinite(y).all(), f"unwritten or non-finite output, {msg}"
+    assert rel(y, y_ref) < tol, f"forward rel err {rel(y, y_ref):.2e}, {msg}"
+    for name, got, want in zip(("dx", "dw", "db"), grads, grads_ref):
+        if want is None:
+            assert got is None, f"{name} should be None, {msg}"
+            continue
+        assert torch.isfinite(got).all(), f"unwritten or non-finite {name}, {msg}"
+        assert rel(got, want) < tol, f"{name} rel err {rel(got, want):.2e}, {msg}"
+    return y_ref, xhat
+
+
+def assert_relu_matters(y_ref, xhat, msg=""):
+    zero = (y_ref == 0).double().mean().item()
+    assert 0.3 <= zero <= 0.7, f"{zero:.0%} of outputs clipped: the ReLU mask is barely tested {msg}"
+    assert (xhat.abs() < 0.1).any(), f"no normalized value near zero {msg}"
+
+
+# ------------------------------------------------------------------------------------------------
+# setup sanity
+# ------------------------------------------------------------------------------------------------
+def test_triton_path_is_live_here():
+    """Fails (rather than quietly testing the torch path) when the kernels were imported before
+    TRITON_INTERPRET was set, or triton is missing."""
+    if torch.cuda.is_available():
+        assert fk.fused_available(torch.empty(1, device="cuda"))
+    elif not _NVIDIA_VISIBLE:
+        assert fk.fused_available(torch.empty(1)), "Triton interpreter not active for CPU tensors"
+    else:
+        pytest.skip("an NVIDIA device is visible but torch cannot use it")
+
+
+def test_model_shapes_come_from_the_model():
+    assert MODEL_SHAPES_SOURCE == "model", "fastcifar.models could not be run; fell back to a fixed list"
+    assert {s[3] for s in MODEL_SHAPES} >= {1}, "the ln model should contribute G=1 shapes"
+    assert any(s[3] > 1 for s in MODEL_SHAPES), "the gn model should contribute G>1 shapes"
+
+
+# ------------------------------------------------------------------------------------------------
+# correctness: public API, autograd, NaN-poisoned buffers
+# ------------------------------------------------------------------------------------------------
+@needs_fused
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("shape", MODEL_SHAPES, ids=lambda s: "C{}_{}x{}_G{}".format(*s))
+def test_model_shapes_match_float64(shape, fmt, poisoned):
+    C, H, W, G = shape
+    x, w, b, dy, seed = make_inputs((2, C, H, W), G, fmt)
+    y, grads = run_fused(x, G, w, b, dy)
+    assert poisoned, "the Triton path did not run"
+    assert y.is_contiguous(memory_format=FORMATS[fmt]) and grads[0].is_contiguous(memory_format=FORMATS[fmt])
+    y_ref, xhat = check_against_reference(x, G, w, b, dy, seed, y=y, grads=grads)
+    assert_relu_matters(y_ref, xhat, f"seed={seed}")
+
+
+@needs_fused
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("shape,G,affine", EDGE_CASES, ids=lambda v: str(v).replace(" ", ""))
+def test_edge_shapes_match_float64(shape, G, affine, fmt, poisoned):
+    x, w, b, dy, seed = make_inputs(shape, G, fmt, affine)
+    y, grads = run_fused(x, G, w, b, dy)
+    assert poisoned
+    assert y.is_contiguous(memory_format=FORMATS[fmt])
+    y_ref, xhat = check_against_reference(x, G, w, b, dy, seed, y=y, grads=grads)
+    if x.numel() >= 256 and x.numel() // (shape[0] * G) >= 16:
+        assert_relu_matters(y_ref, xhat, f"seed={seed}")
+
+
+@needs_fused
+@pytest.mark.parametrize("shape,G,blocks", [
+    ((2, 12, 7, 9), 2, (4, 8)),     # partial channel block and partial hw block
+    ((3, 6, 7, 5), 3, (1, 4)),      # one channel per tile
+    ((2, 40, 16, 16), 1, (16, 32)),  # an ln-model group in many tiles
+])
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_tiled_loops_match_float64(shape, G, blocks, fmt, poisoned):
+    """Small forced tiles drive the two-pass (Welford merge, then apply) code on small inputs."""
+    C, HW = shape[1], shape[2] * shape[3]
+    assert impl._blocks(C // G, HW, blocks)[2] is False  # really the looping path
+    x, w, b, dy, seed = make_inputs(shape, G, fmt)
+    y, mean, rstd = impl._forward(x, G, w, b, 1e-5, blocks=blocks)
+    grads = impl._backward(dy, x, mean, rstd, G, w, b, blocks=blocks)
+    assert y.is_contiguous(memory_format=FORMATS[fmt])
+    check_against_reference(x, G, w, b, dy, seed, y=y, grads=grads)
+
+
+def test_default_tiles_loop_over_large_groups():
+    # the ln model's first group (24 channels x 32x32) must not be one register tile
+    assert impl._blocks(24, 32 * 32)[2] is False
+    assert impl._blocks(8, 8 * 8)[2] is True
+
+
+@needs_fused
+@pytest.mark.parametrize("case", ["x_cl_dy_nchw", "x_nchw_dy_cl", "sliced_x_expanded_dy"])
+def test_mixed_strides(case, poisoned):
+    """dy may arrive in another layout than x (or expanded); x may be a strided view."""
+    G = 2
+    if case == "sliced_x_expanded_dy":
+        big, w, b, _, seed = make_inputs((2, 8, 14, 7), G)
+        x = big[:, :, ::2, :]  # H stride is not W * W stride: the generic (div/mod) indexing
+        assert not impl._hw_strides(x)[4]
+        dy = torch.randn(1, 1, 1, 1, device=DEV).expand(x.shape)
+    else:
+        fx, fdy = ("cl", "nchw") if case == "x_cl_dy_nchw" else ("nchw", "cl")
+        x, w, b, dy, seed = make_inputs((3, 16, 6, 10), G, fx)
+        dy = dy.to(memory_format=FORMATS[fdy])
+    y, grads = run_fused(x, G, w, b, dy)
+    if case != "sliced_x_expanded_dy":
+        assert grads[0].stride() == x.stride(), "dx must keep x's layout"
+    check_against_reference(x, G, w, b, dy, seed, y=y, grads=grads)
+
+
+@needs_fused
+@pytest.mark.parametrize("which", ["x_only", "params_only", "weight_only_affine", "bias_only_affine"])
+def test_partial_requires_grad_and_partial_affine(which):
+    G = 3
+    x, w, b, dy, seed = make_inputs((2, 9, 5, 6), G)
+    if which == "weight_only_affine":
+        b = None
+    if which == "bias_only_affine":
+        w = None
+    xg = x.clone().requires_grad_(which != "params_only")
+    wg = None if w is None else w.clone().requires_grad_(which != "x_only")
+    bg = None if b is None else b.clone().requires_grad_(which != "x_only")
+    y = fk.group_norm_relu(xg, G, wg, bg)
+    wanted = [t for t in (xg, wg, bg) if t is not None and t.requires_grad]
+    got = torch.autograd.grad(y, wanted, dy)
+    _, ref, _ = reference(x, G, w, b, dy)
+    ref_wanted = [r for t, r in zip((xg, wg, bg), ref) if t is not None and t.requires_grad]
+    assert len(got) == len(ref_wanted) > 0
+    for g, r in zip(got, ref_wanted):
+        assert rel(g, r) < TOL, f"{which} seed={seed}"
+
+
+@needs_fused
+def test_no_grad_and_inference_mode():
+    x, w, b, dy, seed = make_inputs((2, 8, 4, 4), 2)
+    y_ref = reference(x, 2, w, b, dy)[0]
+    with torch.no_grad():
+        assert rel(fk.group_norm_relu(x, 2, w, b), y_ref) < TOL
+    with torch.inference_mode():
+        assert rel(fk.group_norm_relu(x, 2, w, b), y_ref) < TOL
+
+
+@needs_fused
+def test_fp16_in_place_of_fp32():
+    """fp16 in, fp16 out, fp32 statistics: error is the fp16 rounding of the output."""
+    x, w, b, dy, seed = make_inputs((2, 16, 8, 8), 4, "cl", dtype=torch.float16)
+    check_against_reference(x, 4, w, b, dy, seed, tol=2e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# module, errors, fallback
+# ------------------------------------------------------------------------------------------------
+def test_module_matches_groupnorm_state_dict_and_repr():
+    gn = nn.GroupNorm(4, 32)
+    mod = fk.GroupNormReLU(4, 32)
+    assert list(mod.state_dict()) == list(gn.state_dict()) == ["weight", "bias"]
+    assert torch.equal(mod.weight, gn.weight) and torch.equal(mod.bias, gn.bias)  # ones / zeros
+    assert repr(mod) == "GroupNormReLU(4, 32, eps=1e-05, affine=True, bias=True)"
+    if "bias=" in gn.extra_repr():  # torch >= 2.6 spells out bias too
+        assert mod.extra_repr() == gn.extra_repr()
+    for kw in ({"affine": False}, {"bias": False}):
+        try:
+            gn_kw = nn.GroupNorm(2, 8, **kw)
+        except TypeError:  # an older nn.GroupNorm without bias=
+            continue
+        assert list(fk.GroupNormReLU(2, 8, **kw).state_dict()) == list(gn_kw.state_dict())
+    with torch.no_grad():
+        gn.weight.normal_()
+        gn.bias.normal_(0, 0.1)
+    mod.load_state_dict(gn.state_dict())
+    mod, gn = mod.to(DEV), gn.to(DEV)
+    x = torch.randn(2, 32, 6, 6, device=DEV).to(memory_format=torch.channels_last)
+    want = F.relu(gn.double()(x.double()))
+    assert rel(mod(x), want) < TOL
+
+
+def test_errors_are_clear():
+    x = torch.randn(2, 6, 4, 4, device=DEV)
+    with pytest.raises(ValueError, match="divisible"):
+        fk.group_norm_relu(x, 4)
+    with pytest.raises(ValueError, match="divisible"):
+        fk.GroupNormReLU(4, 6)
+    with pytest.raises(ValueError, match="4-D"):
+        fk.group_norm_relu(torch.randn(2, 6, 16, device=DEV), 2)
+    with pytest.raises(ValueError, match="shape"):
+        fk.group_norm_relu(x, 2, torch.ones(5, device=DEV))
+    with pytest.raises(ValueError, match="positive"):
+        fk.group_norm_relu(x, 0)
+
+
+def test_fused_available_answers():
+    assert fk.fused_available("meta") is False
+    assert fk.fused_available(torch.empty(1, dtype=torch.float64, device=DEV)) is False  # fp64: torch path
+    assert fk.fused_available(torch.empty(1, dtype=torch.float32, device=DEV)) == fk.fused_available(DEV)
+    assert fk.fused_available(torch.device(DEV)) == fk.fused_available(str(DEV))
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_torch_fallback_matches_float64(fmt, monkeypatch, poisoned):
+    monkeypatch.setenv("FASTCIFAR_KERNELS_DISABLE", "1")
+    assert not fk.fused_available(DEV)
+    x, w, b, dy, seed = make_inputs((2, 24, 8, 8), 3, fmt)
+    y, grads = run_fused(x, 3, w, b, dy)
+    assert not poisoned, "the kernels ran although disabled"
+    check_against_reference(x, 3, w, b, dy, seed, y=y, grads=grads)
+
+
+def test_float64_runs_the_torch_path(poisoned):
+    x, w, b, dy, seed = make_inputs((2, 8, 5, 5), 2, dtype=torch.float64)
+    y, grads = run_fused(x, 2, w, b, dy)
+    assert not poisoned
+    check_against_reference(x, 2, w, b, dy, seed, tol=1e-12, y=y, grads=grads)
+
+
+# ------------------------------------------------------------------------------------------------
+# in a model, and under torch.compile
+# ------------------------------------------------------------------------------------------------
+@needs_fused
+def test_fused_model_matches_unfused_model():
+    models = pytest.importorskip("fastcifar.models")
+    ref = models.make_model("ln").to(DEV)
+    fused = models.make_model("ln", fused=True).to(DEV)
+    gns = [m for m in ref.modules() if isinstance(m, nn.GroupNorm)]
+    fus = [m for m in fused.modules() if isinstance(m, fk.GroupNormReLU)]
+    assert len(gns) == len(fus) > 0
+    with torch.no_grad():
+        for m in gns:
+            m.weight.normal_(1, 0.2)
+            m.bias.normal_(0, 0.1)
+    fused_sd = {}  # copy every parameter in module order (the fused model nests one level less)
+    for (k_f, _), (_, v_r) in zip(fused.state_dict().items(), ref.state_dict().items(), strict=True):
+        fused_sd[k_f] = v_r
+    fused.load_state_dict(fused_sd)
+    x = torch.randn(2, 3, 32, 32, device=DEV).to(memory_format=torch.channels_last)
+    outs = []
+    for m in (ref, fused):
+        m.zero_grad()
+        out = m(x)
+        out.square().sum().backward()
+        outs.append((out.detach(), [p.grad for p in m.parameters()]))
+    assert rel(outs[1][0], outs[0][0]) < 1e-4
+    for g_f, g_r in zip(outs[1][1], outs[0][1], strict=True):
+        assert rel(g_f, g_r) < 1e-3  # fp32 vs fp32 through seven layers, different reduction order
+
+
+@needs_fused
+def test_torch_compile_fullgraph_matches_eager():
+    """The kernels are torch.library ops with shape functions, so compile keeps one graph."""
+    backend = "inductor" if DEV.type == "cuda" else "aot_eager"
+    torch._dynamo.reset()
+    mod = fk.GroupNormReLU(2, 8).to(DEV)
+    with torch.no_grad():
+        mod.bias.normal_(0, 0.1)
+    x, _, _, dy, seed = make_inputs((2, 8, 6, 6), 2, "cl")
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    y_c = torch.compile(mod, backend=backend, fullgraph=True)(xs[0])
+    y_e = mod(xs[1])
+    y_c.backward(dy)
+    y_e.backward(dy)
+    assert y_c.stride() == y_e.stride()
+    assert rel(y_c, y_e) < 1e-6 and rel(xs[0].grad, xs[1].grad) < 1e-6
+    torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA only: low precision and a bigger batch on the compiled kernels
+# ------------------------------------------------------------------------------------------------
+@needs_cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, TOL), (torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_cuda_dtypes_on_model_shapes(dtype, tol, fmt):
+    """Low-precision inputs are compared with float64 math on the same (rounded) inputs; the
+    tolerance is a couple of output ulps (fp16 2**-10, bf16 2**-7), statistics being fp32."""
+    for C, H, W, G in MODEL_SHAPES:
+        x, w, b, dy, seed = make_inputs((64, C, H, W), G, fmt, dtype=dtype)
+        y, grads = run_fused(x, G, w, b, dy)
+        assert y.dtype == dtype and grads[1].dtype == dtype
+        assert y.is_contiguous(memory_format=FORMATS[fmt])
+        check_against_reference(x, G, w, b, dy, seed, tol=tol, y=y, grads=grads)
+
+
+@needs_cuda
+def test_cuda_fp32_weight_with_bf16_activations():
+    """What autocast produces: bf16 activations, fp32 parameters; grads keep each input's dtype."""
+    x, _, _, dy, seed = make_inputs((8, 40, 16, 16), 5, "cl", dtype=torch.bfloat16)
+    w = 1 + 0.2 * torch.randn(40, device="cuda")
+    b = 0.05 * torch.randn(40, device="cuda")
+    y, grads = run_fused(x, 5, w, b, dy)
+    assert y.dtype == torch.bfloat16 and grads[0].dtype == torch.bfloat16 and grads[1].dtype == torch.float32
+    check_against_reference(x, 5, w, b, dy, seed, tol=1.6e-2, y=y, grads=grads)
+
+
+# ------------------------------------------------------------------------------------------------
+# benchmark on a machine without CUDA
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message; a GPU would start timing")
+def test_kernel_benchmark_skips_without_cuda(tmp_path, capsys):
+    bench = importlib.import_module("benchmarks.kernels")
+    assert bench.main(["--out", str(tmp_path)]) == 0
+    assert "no CUDA device" in capsys.readouterr().out
+    with open(tmp_path / "kernels.json") as f:
+        report = json.load(f)
+    assert report["skipped"] is True and "CUDA" in report["reason"]
