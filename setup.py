@@ -8,7 +8,8 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastcifar", "fastcifar.data", "fastcifar_kernels", "benchmarks"],
+    # benchmarks/ runs from the checkout (python -m benchmarks...): no top-level "benchmarks" in site-packages
+    packages=["fastcifar", "fastcifar.data", "fastcifar_kernels"],
     # the import name `kernels` belongs to another PyPI project; ours installs as fastcifar_kernels
     package_dir={"fastcifar_kernels": "kernels"},
     install_requires=[
