@@ -18,7 +18,6 @@ dw/db are written as per-sample partials [N, C] and summed afterwards: determini
 
 Set FASTCIFAR_KERNELS_DISABLE=1 to force the plain torch path everywhere.
 """
-import math
 import os
 from typing import Optional
 

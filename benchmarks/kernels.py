@@ -1,0 +1,373 @@
+"""Microbenchmark: fused GroupNorm+ReLU (fastcifar_kernels) against eager F.group_norm + F.relu and
+against torch.compile of that same pair, forward and forward+backward.
+
+    python -m benchmarks.kernels                       # all model shapes, batch 512 and 2048
+    python -m benchmarks.kernels --batch 512 --dtypes bf16 --formats cl --no-compile
+    python -m benchmarks.kernels --bytes               # the byte-count table only (no GPU needed)
+
+Shapes: the input of every nn.GroupNorm in the project's gn and ln models (forward hooks), at each
+--batch, in NCHW and channels_last, fp32/fp16/bf16 (weight and bias in the same dtype).
+
+Timing: CUDA events around each call, median over --repeats. The GPU queue is first filled with a
+sleep kernel so the launches run back to back and the events time the GPU work, not Python launch
+overhead (that is reported separately as wall_us: a plain loop's wall time per call). Several
+distinct inputs (together more than 3x the L2 cache) are cycled so no call finds its data in L2.
+
+Effective bandwidth counts each tensor once: fwd reads x and writes y (plus w, b); fwd+bwd adds a
+read of x, a read of dy and a write of dx (plus dw, db). It is printed next to the measured
+device-to-device copy bandwidth (a large tensor copy, read + write).
+
+Without CUDA this prints that nothing was timed, writes {"skipped": true, "reason": ...}, exits 0.
+"""
+import argparse
+import importlib
+import importlib.util
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FORMATS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
+MODES = ("fwd", "fwdbwd")
+EPS = 1e-5
+# used when fastcifar.models cannot be imported: (C, H, W, G, models)
+FALLBACK_SHAPES = [(24, 32, 32, 3, "gn"), (40, 16, 16, 5, "gn"), (64, 8, 8, 8, "gn"),
+                   (24, 32, 32, 1, "ln"), (40, 16, 16, 1, "ln"), (64, 8, 8, 1, "ln")]
+TARGETS = {
+    "fwdbwd_speedup_vs_eager": 2.0,       # fused fwd+bwd at least 2x faster than eager
+    "speedup_vs_compile": 1.0,            # no slower than torch.compile, every model shape
+    "copy_bw_fraction_at_largest_batch": 0.70,
+}
+
+
+def import_kernels():
+    try:
+        import fastcifar_kernels  # installed: setup.py maps kernels/ to this name
+    except ImportError:  # a bare checkout
+        spec = importlib.util.spec_from_file_location(
+            "fastcifar_kernels", os.path.join(ROOT, "kernels", "__init__.py"),
+            submodule_search_locations=[os.path.join(ROOT, "kernels")])
+        fastcifar_kernels = importlib.util.module_from_spec(spec)
+        sys.modules["fastcifar_kernels"] = fastcifar_kernels
+        spec.loader.exec_module(fastcifar_kernels)
+    return fastcifar_kernels
+
+
+def model_norm_shapes():
+    """[(C, H, W, G, "gn"/"ln"/"gn+ln")] from hooks on the real models; a fixed list if they won't run."""
+    try:
+        from torch import nn
+        from fastcifar.models import make_model
+        found = {}
+        for norm in ("gn", "ln"):
+            model = make_model(norm)
+            seen = []
+            hooks = [m.register_forward_hook(lambda m, i, o: seen.append((*i[0].shape[1:], m.num_groups)))
+                     for m in model.modules() if isinstance(m, nn.GroupNorm)]
+            with torch.no_grad():
+                model(torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last))
+            for h in hooks:
+                h.remove()
+            for s in seen:
+                found.setdefault(s, set()).add(norm)
+        if found:
+            return [(*s, "+".join(sorted(v))) for s, v in sorted(found.items())], "model"
+    except Exception as e:  # noqa: BLE001 - report and carry on with the fixed list
+        print(f"note: could not run fastcifar.models ({type(e).__name__}: {e}); using a fixed shape list")
+    return list(FALLBACK_SHAPES), "fallback"
+
+
+def bytes_moved(n, c, h, w, elt, mode, affine=True):
+    """Bytes that must cross DRAM at least once (mean/rstd, 8*N*G bytes, are left out)."""
+    act = n * c * h * w * elt
+    par = c * elt if affine else 0
+    fwd = 2 * act + 2 * par              # read x, write y; read w, b
+    if mode == "fwd":
+        return fwd
+    return fwd + 3 * act + 2 * par       # read x, read dy, write dx; write dw, db
+
+
+def write_json_atomic(path, obj):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# timing
+# ------------------------------------------------------------------------------------------------
+def _sleep_then(calls, sleep_ms=10.0):
+    # busy-wait on the GPU while Python enqueues the calls, so they run back to back
+    if hasattr(torch.cuda, "_sleep"):
+        torch.cuda._sleep(int(sleep_ms * 1e-3 * _clock_hz()))
+    calls()
+
+
+_CLOCK = []
+
+
+def _clock_hz():
+    if not _CLOCK:
+        try:
+            _CLOCK.append(torch.cuda.get_device_properties(0).clock_rate * 1e3)  # kHz -> Hz
+        except Exception:  # noqa: BLE001 - property missing in some builds
+            _CLOCK.append(2e9)
+    return _CLOCK[0]
+
+
+def time_gpu(fn, n_inputs, repeats, warmup, chunk=20):
+    """Median GPU microseconds per call of fn(i), cycling i over n_inputs."""
+    for i in range(warmup):
+        fn(i % n_inputs)
+    torch.cuda.synchronize()
+    times, i = [], 0
+    while len(times) < repeats:
+        k = min(chunk, repeats - len(times))
+        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(k)]
+
+        def calls():
+            nonlocal i
+            for s, e in ev:
+                s.record()
+                fn(i % n_inputs)
+                e.record()
+                i += 1
+        _sleep_then(calls)
+        torch.cuda.synchronize()
+        times += [s.elapsed_time(e) * 1e3 for s, e in ev]
+    return statistics.median(times)
+
+
+def time_wall(fn, n_inputs, repeats):
+    """Wall microseconds per call in a plain loop (includes Python and launch overhead)."""
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for i in range(repeats):
+        fn(i % n_inputs)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / repeats * 1e6
+
+
+def copy_bandwidth(repeats=20):
+    """Device copy GB/s (bytes read + bytes written), on a 1 GiB tensor."""
+    n = (1 << 30) // 4
+    src = torch.randn(n, device="cuda")
+    dst = torch.empty_like(src)
+    us = time_gpu(lambda i: dst.copy_(src), 1, repeats, 3, chunk=5)
+    src = dst = None  # free the 2 GiB before the kernels are timed
+    torch.cuda.empty_cache()
+    return 2 * n * 4 / (us * 1e-6) / 1e9
+
+
+# ------------------------------------------------------------------------------------------------
+# one configuration
+# ------------------------------------------------------------------------------------------------
+def eager_pair(x, g, w, b):
+    return F.relu(F.group_norm(x, g, w, b, EPS))
+
+
+def bench_config(fk, n, c, h, w_, g, dtype, fmt, modes, impls, repeats, warmup, l2_bytes):
+    dev = "cuda"
+    elt = torch.empty((), dtype=dtype).element_size()
+    act = n * c * h * w_ * elt
+    n_inputs = int(min(16, max(2, math.ceil(3 * l2_bytes / (2 * act)))))
+    xs = [torch.randn(n, c, h, w_, device=dev, dtype=dtype).to(memory_format=fmt) for _ in range(n_inputs)]
+    dys = [torch.randn(n, c, h, w_, device=dev, dtype=dtype).to(memory_format=fmt) for _ in range(n_inputs)]
+    weight = (1 + 0.2 * torch.randn(c, device=dev)).to(dtype).requires_grad_()
+    bias = (0.05 * torch.randn(c, device=dev)).to(dtype).requires_grad_()
+
+    torch._dynamo.reset()  # a fresh compile per shape; no recompile limit to run into
+    fns = {"eager": lambda x, w, b: eager_pair(x, g, w, b),
+           "fused": lambda x, w, b: fk.group_norm_relu(x, g, w, b, EPS)}
+    if "compile" in impls:
+        fns["compile"] = torch.compile(lambda x, w, b: eager_pair(x, g, w, b), dynamic=False)
+
+    # correctness spot check against fp32 eager on the same input
+    with torch.no_grad():
+        ref = eager_pair(xs[0].float(), g, weight.float(), bias.float())
+        got = fns["fused"](xs[0], weight, bias)
+        check = ((got.float() - ref).abs().max() / ref.abs().max()).item()
+        same_format = got.is_contiguous(memory_format=fmt)
+
+    rows = []
+    for mode in modes:
+        if mode == "fwd":
+            def make(fn):
+                def run(i):
+                    with torch.no_grad():
+                        fn(xs[i], weight, bias)
+                return run
+        else:
+            xg = [x.detach().requires_grad_() for x in xs]
+
+            def make(fn):
+                def run(i):
+                    y = fn(xg[i], weight, bias)
+                    torch.autograd.grad(y, (xg[i], weight, bias), dys[i])
+                return run
+        for name in impls:
+            run = make(fns[name])
+            gpu_us = time_gpu(run, n_inputs, repeats, warmup)
+            wall_us = time_wall(run, n_inputs, max(10, repeats // 2))
+            nbytes = bytes_moved(n, c, h, w_, elt, mode)
+            rows.append({"impl": name, "mode": mode, "gpu_us": gpu_us, "wall_us": wall_us, "bytes": nbytes,
+                         "gbps": nbytes / (gpu_us * 1e-6) / 1e9, "inputs_cycled": n_inputs,
+                         "fused_fwd_rel_err_vs_fp32": check, "fused_keeps_format": same_format})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# reporting
+# ------------------------------------------------------------------------------------------------
+def print_bytes_table(shapes, batches, dtypes):
+    print(f"{'models':6} {'C':>4} {'HxW':>7} {'G':>3} {'batch':>6} {'dtype':>5} {'fwd MB':>9} {'fwd+bwd MB':>11}")
+    for c, h, w, g, tag in shapes:
+        for n in batches:
+            for dn in dtypes:
+                elt = torch.empty((), dtype=DTYPES[dn]).element_size()
+                print(f"{tag:6} {c:>4} {f'{h}x{w}':>7} {g:>3} {n:>6} {dn:>5} "
+                      f"{bytes_moved(n, c, h, w, elt, 'fwd') / 1e6:>9.2f} "
+                      f"{bytes_moved(n, c, h, w, elt, 'fwdbwd') / 1e6:>11.2f}")
+
+
+def summarize(rows, copy_gbps, largest_batch):
+    """Per configuration: fused speedups and the three targets, pass/fail."""
+    keyf = ("C", "H", "W", "G", "batch", "format", "dtype", "mode")
+    groups = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keyf), {})[r["impl"]] = r
+    out = []
+    verdict = {"fwdbwd_2x_vs_eager": None, "no_slower_than_compile": None, "bw_70pct_at_largest_batch": None}
+
+    def record(name, ok):  # None: not measured in this run
+        verdict[name] = ok if verdict[name] is None else (verdict[name] and ok)
+
+    for key, by in groups.items():
+        if "fused" not in by:
+            continue
+        s = dict(zip(keyf, key))
+        f = by["fused"]
+        s["fused_us"], s["fused_gbps"] = f["gpu_us"], f["gbps"]
+        s["fused_copy_fraction"] = f["gbps"] / copy_gbps
+        if "eager" in by:
+            s["speedup_vs_eager"] = by["eager"]["gpu_us"] / f["gpu_us"]
+            if s["mode"] == "fwdbwd":
+                record("fwdbwd_2x_vs_eager", s["speedup_vs_eager"] >= TARGETS["fwdbwd_speedup_vs_eager"])
+        if "compile" in by:
+            s["speedup_vs_compile"] = by["compile"]["gpu_us"] / f["gpu_us"]
+            record("no_slower_than_compile", s["speedup_vs_compile"] >= TARGETS["speedup_vs_compile"])
+        if s["batch"] == largest_batch:
+            record("bw_70pct_at_largest_batch",
+                   s["fused_copy_fraction"] >= TARGETS["copy_bw_fraction_at_largest_batch"])
+        out.append(s)
+    return out, verdict
+
+
+def print_table(rows, copy_gbps):
+    print(f"\ncopy bandwidth: {copy_gbps:.0f} GB/s (read + write, 1 GiB tensor)\n")
+    hdr = (f"{'C':>3} {'HxW':>5} {'G':>2} {'batch':>5} {'fmt':>4} {'dtype':>4} {'mode':>6} | {'eager us':>8} "
+           f"{'compile us':>10} {'fused us':>8} | {'fused GB/s':>10} {'%copy':>5} | {'x eager':>7} {'x comp':>6}"
+           f" | {'fused wall us':>13}")
+    print(hdr)
+    print("-" * len(hdr))
+    keyf = ("C", "H", "W", "G", "batch", "format", "dtype", "mode")
+    groups = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keyf), {})[r["impl"]] = r
+    for key, by in groups.items():
+        c, h, w, g, n, fmt, dt, mode = key
+        t = {k: by[k]["gpu_us"] if k in by else float("nan") for k in ("eager", "compile", "fused")}
+        f = by.get("fused", {})
+        print(f"{c:>3} {f'{h}x{w}':>5} {g:>2} {n:>5} {fmt:>4} {dt:>4} {mode:>6} | {t['eager']:>8.1f} "
+              f"{t['compile']:>10.1f} {t['fused']:>8.1f} | {f.get('gbps', float('nan')):>10.0f} "
+              f"{100 * f.get('gbps', float('nan')) / copy_gbps:>5.0f} | {t['eager'] / t['fused']:>7.2f} "
+              f"{t['compile'] / t['fused']:>6.2f} | {f.get('wall_us', float('nan')):>13.1f}")
+
+
+# ------------------------------------------------------------------------------------------------
+# entry point
+# ------------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, nargs="+", default=[512, 2048], help="batch sizes (default 512 2048)")
+    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    p.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(FORMATS),
+                   help="memory formats: nchw (contiguous) and/or cl (channels_last)")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--repeats", type=int, default=100, help="timed calls per configuration (median reported)")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (saves compile time)")
+    p.add_argument("--out", default=os.path.join("results", "kernels"), help="folder for kernels.json")
+    p.add_argument("--bytes", action="store_true", help="print the byte counts per shape and exit (no GPU needed)")
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0 or min(args.batch) < 1:
+        p.error("--repeats and --batch must be positive, --warmup non-negative")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    shapes, source = model_norm_shapes()
+    if args.bytes:
+        print(f"shapes from: {source}")
+        print_bytes_table(shapes, args.batch, args.dtypes)
+        return 0
+    out_path = os.path.join(args.out, "kernels.json")
+
+    def skip(reason):
+        print(f"{reason}; nothing was timed. Wrote {out_path}")
+        write_json_atomic(out_path, {"skipped": True, "reason": reason})
+        return 0
+
+    if not torch.cuda.is_available():
+        return skip("no CUDA device is available (torch.cuda.is_available() is False)")
+    fk = import_kernels()
+    impl = importlib.import_module("fastcifar_kernels.group_norm_relu")
+    if not fk.fused_available(torch.device("cuda")):
+        return skip("CUDA is available but triton is not importable, so the fused kernel cannot run")
+    if impl._INTERPRETED:
+        return skip("TRITON_INTERPRET is set: the kernels would run in the interpreter")
+
+    props = torch.cuda.get_device_properties(0)
+    l2 = getattr(props, "L2_cache_size", 50 << 20)
+    copy_gbps = copy_bandwidth()
+    impls = ["eager", "fused"] + ([] if args.no_compile else ["compile"])
+    rows = []
+    for c, h, w, g, tag in shapes:
+        for n in args.batch:
+            for fmt in args.formats:
+                for dn in args.dtypes:
+                    print(f"timing C={c} {h}x{w} G={g} batch={n} {fmt} {dn} ...", flush=True)
+                    for r in bench_config(fk, n, c, h, w, g, DTYPES[dn], FORMATS[fmt], args.modes, impls,
+                                          args.repeats, args.warmup, l2):
+                        rows.append({"models": tag, "C": c, "H": h, "W": w, "G": g, "batch": n,
+                                     "format": fmt, "dtype": dn, **r})
+                    torch.cuda.empty_cache()  # this configuration's inputs are gone; keep peak memory low
+    print_table(rows, copy_gbps)
+    summary, verdict = summarize(rows, copy_gbps, max(args.batch))
+    word = {True: "met", False: "NOT met", None: "not measured"}
+    print("\ntargets:", ", ".join(f"{k}: {word[v]}" for k, v in verdict.items()))
+    import triton
+    write_json_atomic(out_path, {
+        "skipped": False, "device": props.name, "torch": torch.__version__, "triton": triton.__version__,
+        "shapes_from": source, "copy_gbps": copy_gbps, "l2_bytes": l2, "settings": vars(args),
+        "targets": TARGETS, "targets_met": verdict, "summary": summary, "rows": rows,
+    })
+    print(f"wrote {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
