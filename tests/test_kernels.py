@@ -475,7 +475,8 @@ def test_cuda_fp32_weight_with_bf16_activations():
 # benchmark on a machine without CUDA
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message; a GPU would start timing")
-def test_kernel_benchmark_skips_without_cuda(tmp_path, capsys):
+def test_kernel_benchmark_skips_without_cuda(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(ROOT)  # benchmarks/ runs from the checkout; it is not installed
     bench = importlib.import_module("benchmarks.kernels")
     assert bench.main(["--out", str(tmp_path)]) == 0
     assert "no CUDA device" in capsys.readouterr().out
