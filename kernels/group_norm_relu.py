@@ -473,7 +473,7 @@ _INTERPRETED = triton is not None and _kernels_interpreted()
 def fused_available(x_or_device=None) -> bool:
     """True when group_norm_relu will run the Triton kernels for this tensor (or device).
 
-    CUDA: needs triton. CPU: needs TRITON_INTERPRET=1 to have been set before this module was
+    CUDA: needs triton. CPU: needs TRITON_INTERPRET=1, set now and also when this module was
     imported (triton decides at definition time). For a tensor, its dtype must be fp32/fp16/bf16
     (bf16 only on CUDA: the interpreter has none). FASTCIFAR_KERNELS_DISABLE=1 turns it off.
     """
@@ -486,8 +486,8 @@ def fused_available(x_or_device=None) -> bool:
         dtype = None
     if dev.type == "cuda":
         ok = torch.cuda.is_available()
-    elif dev.type == "cpu":
-        ok = _INTERPRETED
+    elif dev.type == "cpu":  # interpreted kernels, and the user still asks for the interpreter
+        ok = _INTERPRETED and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     else:
         return False
     if dtype is not None:

@@ -12,9 +12,13 @@ import shutil
 # triton.jit picks interpreted vs compiled when a kernel is defined, so TRITON_INTERPRET has to be
 # set before the kernels module (and triton) is imported. Only without an NVIDIA device: with one we
 # want the compiled kernels, and torch cannot be asked yet (importing it comes after this).
+# If we set it, it is unset again once the kernels are imported and set only around this module's
+# tests (fixture below): fused_available(cpu) needs it, and other test modules (training on the
+# CPU) should keep the torch path rather than run the slow interpreter.
 _NVIDIA_VISIBLE = os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi") is not None
-if not _NVIDIA_VISIBLE:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+_WE_SET_INTERPRET = not _NVIDIA_VISIBLE and "TRITON_INTERPRET" not in os.environ
+if _WE_SET_INTERPRET:
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import importlib  # noqa: E402
 import importlib.util  # noqa: E402
@@ -48,11 +52,20 @@ fk = _import_kernels()
 impl = importlib.import_module("fastcifar_kernels.group_norm_relu")
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+FUSED_HERE = fk.fused_available(DEV)
+if _WE_SET_INTERPRET:
+    del os.environ["TRITON_INTERPRET"]
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_env(monkeypatch):
+    if _WE_SET_INTERPRET:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
 FORMATS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
 TOL = 1e-5
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="fp16/bf16 and compiled-kernel checks need a CUDA device")
-needs_fused = pytest.mark.skipif(not fk.fused_available(DEV),
+needs_fused = pytest.mark.skipif(not FUSED_HERE,
                                  reason="Triton cannot run here (no CUDA and TRITON_INTERPRET unset at import)")
 
 
