@@ -34,7 +34,7 @@ except Exception:  # not installed, or a broken install: the torch path still wo
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Tile sizes in elements. Not timed on a GPU yet; chosen from ptxas register counts for sm_90 (about
-# 30-80 registers per thread on the model's shapes, no spills). A group of up to _ONE_TILE_MAX
+# 30-90 registers per thread on the model's shapes, no spills). A group of up to _ONE_TILE_MAX
 # elements is loaded once and kept in registers; larger groups are walked twice (stats, then apply).
 _ONE_TILE_MAX = 4096
 _LOOP_TILE = 2048
