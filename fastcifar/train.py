@@ -60,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--data", help="CIFAR-10 source or a folder of converted betons "
                                    "(default: $FASTCIFAR_DATA, else download the official one)")
     p.add_argument("--beton-dir", help="where converted betons are cached (default: ~/.cache/fastcifar)")
-    p.add_argument("--limit", type=int, help="use only the first N train and test images (smoke tests)")
+    p.add_argument("--limit", type=int, help="use only N train and N test images, spread over the classes (smoke tests)")
     p.add_argument("--out", default="runs/latest", help="folder for metrics.json, model.pt and plots")
     p.add_argument("--resume", metavar="OUT", help="continue the run whose artefacts are in OUT")
     p.add_argument("--no-plots", action="store_true")
@@ -156,7 +156,7 @@ def train(args):
     total_steps = args.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total_steps, steps_per_epoch // 2 + 1))
 
-    history, start_epoch, compile_time = [], 0, 0.0
+    history, start_epoch, compile_time, preds = [], 0, 0.0, None
     ckpt_path = os.path.join(args.out, "model.pt")
     if args.resume:
         ckpt = load_checkpoint(ckpt_path, map_location=device)
@@ -253,6 +253,8 @@ def train(args):
     # ---- artefacts
     metrics["status"] = "done"
     if history and not args.no_plots:
+        if preds is None:  # resumed after the last epoch: nothing was evaluated in this process
+            _, _, preds = evaluate(net, test_loader, autocast, tta=args.tta)
         plot_curves(history, os.path.join(args.out, "curves.png"), args.target_acc,
                     f"{args.norm}, {params} params, {device_name(device)}")
         labels = test_loader.labels.cpu().numpy()
@@ -295,15 +297,23 @@ def progress(iterable, desc, quiet):
     return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
+def _what_is_kept(out):
+    if os.path.isfile(os.path.join(out, "model.pt")):
+        return f"the last complete epoch's checkpoint in {out} is intact; continue with --resume {out}"
+    return "no checkpoint was written yet, and no beton was left that a later run would trust"
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
         metrics = train(args)
     except (DataError, CheckpointError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # disk full, permissions: the cause on one line
+        where = f" ({e.filename})" if e.filename else ""
+        sys.exit(f"error: {e.strerror or e}{where}; {_what_is_kept(args.out)}")
     except KeyboardInterrupt:
-        sys.exit(f"interrupted: the last complete epoch's checkpoint is in {args.out}; "
-                 f"continue with --resume {args.out}")
+        sys.exit(f"interrupted: {_what_is_kept(args.out)}")
     t = metrics["time_to_target_s"]
     print(f"{args.norm}: final test acc {100 * metrics['final_test_acc']:.2f}%, "
           + (f"reached {100 * args.target_acc:.0f}% at epoch {metrics['epochs_to_target']} after {t:.1f}s training"

@@ -22,7 +22,7 @@ Default run (pytest -m "not slow"): 7 kill points, 12 training and 7 conversion 
   uninterrupted reference run's bit for bit.
 Slow (pytest -m slow) adds 11 kill points and 11 compared runs: SIGINT while model.pt is written, SIGKILL
   between the checkpoint's fsync and rename, SIGKILL while metrics.json is written, SIGKILL before the first
-  checkpoint, SIGKILL while plotting after the last epoch (xfail until train.py handles that resume), SIGINT
+  checkpoint, SIGKILL while plotting after the last epoch, SIGINT
   during conversion through `python -m fastcifar.data`, an injected ENOSPC, SIGKILL from outside at 4 delays
   after epoch 1's line (0, 0.05, 0.2, 0.5 s), and 2 training runs started at once on one beton folder.
 Concurrency: 2 converters with the second forced to arrive while the first holds the folder's lock, and 3
@@ -327,8 +327,6 @@ def test_killed_before_the_first_checkpoint(tmp_path, tiny, reference):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="train.py: resuming a run whose checkpoint is its last epoch, with plots on, "
-                                       "raises UnboundLocalError for 'preds' (nothing was evaluated in that process)")
 def test_killed_while_plotting_after_the_last_epoch(tmp_path, tiny, reference):
     source, _, betons = tiny
     out = str(tmp_path / "out")

@@ -5,6 +5,7 @@ Augmentation runs on that device, vectorized over the batch.
 """
 import os
 
+import numpy as np
 import torch
 
 from .beton import read_beton
@@ -12,6 +13,11 @@ from .beton import read_beton
 # per-channel statistics of the CIFAR-10 training set, 0..255 scale
 MEAN = (125.31, 122.95, 113.87)
 STD = (62.99, 62.09, 66.70)
+
+
+def subset_indices(n, limit):
+    """A fixed spread of `limit` of n images: betons are sorted by class, so a prefix would be one class."""
+    return np.sort(np.random.default_rng(0).permutation(n)[:limit])
 
 
 def augment(x, generator, translate=2, flip=True, cutout=0):
@@ -52,7 +58,8 @@ class ResidentLoader:
                  limit=None, drop_last=None):
         images, labels = read_beton(beton)
         if limit:
-            images, labels = images[:limit], labels[:limit]
+            keep = subset_indices(len(labels), limit)
+            images, labels = images[keep], labels[keep]
         # NHWC bytes seen as NCHW: channels_last from the start, no copy
         self.images = torch.from_numpy(images).to(device).permute(0, 3, 1, 2)
         self.labels = torch.from_numpy(labels).to(device)
@@ -102,7 +109,8 @@ class FFCVLoader:
             beton, batch_size=batch_size, num_workers=num_workers or max(1, os.cpu_count() or 1),
             order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL, seed=seed,
             drop_last=train if drop_last is None else drop_last,
-            indices=list(range(limit)) if limit else None,
+            # uint64 like ffcv's own default: int64 indices meet uint64 inside ffcv and become float64
+            indices=subset_indices(_beton_len(beton), limit).astype(np.uint64) if limit else None,
             pipelines={
                 "image": [SimpleRGBImageDecoder(), ToTensor(), ToDevice(device, non_blocking),
                           ToTorchImage(channels_last=True)],
@@ -123,6 +131,11 @@ class FFCVLoader:
             if self.aug:
                 x = augment(x, self.generator, **self.aug)
             yield normalize(x), y.long()
+
+
+def _beton_len(path):
+    from ffcv.reader import Reader
+    return Reader(path).num_samples
 
 
 LOADERS = {"resident": ResidentLoader, "ffcv": FFCVLoader}
