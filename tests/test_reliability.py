@@ -273,7 +273,7 @@ def _killed_then_resumed(tmp_path, tiny, reference, at, n, sig, ckpt_epoch):
         assert r.returncode == -signal.SIGKILL, show(r)
     else:
         assert r.returncode == 1 and "Traceback" not in r.stderr, show(r)
-        assert r.stderr.strip().splitlines()[-1] == (f"interrupted: the last complete epoch's checkpoint is in {out}; "
+        assert r.stderr.strip().splitlines()[-1] == (f"interrupted: the last complete epoch's checkpoint in {out} is intact; "
                                                      f"continue with --resume {out}"), show(r)
     assert assert_nothing_corrupt(out) == ckpt_epoch
     # metrics.json is written after the checkpoint: killed while writing it, it still has the epoch before
