@@ -66,6 +66,8 @@ HISTORY = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")
 # can stop the child at an exact point. Only this test's subprocesses ever see that variable.
 DRIVER = r'''
 import errno, json, os, runpy, signal, sys, time
+# a shell's background job starts with SIGINT ignored; a user's Ctrl-C meets Python's default handler
+signal.signal(signal.SIGINT, signal.default_int_handler)
 hook = json.loads(os.environ.get("RELIABILITY_HOOK") or "{}")
 at, nth = hook.get("at"), hook.get("n", 1)
 sig = getattr(signal, hook.get("signal", "SIGKILL"))
