@@ -103,12 +103,12 @@ def evaluate(model, loader, device):
 
 
 def train_baseline(beton_dir, device, target=0.70, epochs=MAX_EPOCHS, limit=None, seed=0, log=print,
-                   num_workers=NUM_WORKERS):
+                   num_workers=NUM_WORKERS, threads=None):
     """Train the reference recipe; returns a metrics dict shaped like fastcifar.train's."""
     device = torch.device(device)
     torch.manual_seed(seed)
     train_loader, test_loader = data_loaders(beton_dir, limit, seed, num_workers)
-    set_all_threads()
+    set_all_threads(threads)
     model = make_baseline().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     history, train_time = [], 0.0

@@ -170,10 +170,10 @@ def normalize_transform():
     return transforms.Normalize([m / 255 for m in MEAN], [s / 255 for s in STD])
 
 
-def set_all_threads():
+def set_all_threads(n=None):
     # importing ffcv (and starting one of its Loaders) drops torch to one thread; every harness measures
-    # with all the cores it is allowed, like training does
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    # with all the cores it is allowed, like training does, unless told otherwise
+    n = n or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
     torch.set_num_threads(n)
     return n
 

@@ -61,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, help="training epochs (default: the preset's)")
     p.add_argument("--limit", type=int, help="train and test on a fixed spread of N images each (smoke runs; "
                                              "such times are not CIFAR-10 results)")
+    p.add_argument("--threads", type=int, help="torch CPU threads for every run, the baseline included "
+                                               "(default: all cores)")
     p.add_argument("--train-args", default="", metavar="'ARGS'",
                    help="more flags for every training run, e.g. --train-args '--cutout 8 --lr 0.2'")
     p.add_argument("--baseline", action="store_true",
@@ -78,8 +80,8 @@ def parse_args(argv=None):
         p.error("--seeds and --baseline-epochs must be at least 1")
     if not 0 < args.target <= 1:
         p.error("--target is a fraction in (0, 1]")
-    if args.limit is not None and args.limit < 1:
-        p.error("--limit must be at least 1")
+    if (args.limit is not None and args.limit < 1) or (args.threads is not None and args.threads < 1):
+        p.error("--limit and --threads must be at least 1")
     args.norm = list(dict.fromkeys(args.norm))
     return args
 
@@ -94,6 +96,7 @@ def train_argv(args, norm, seed, data, out, device):
     argv += ["--preset", args.preset] if args.preset else []
     argv += ["--epochs", str(args.epochs)] if args.epochs else []
     argv += ["--limit", str(args.limit)] if args.limit else []
+    argv += ["--threads", str(args.threads)] if args.threads else []
     argv += [] if args.progress else ["--quiet"]
     argv += [] if args.run_plots else ["--no-plots"]
     return argv + shlex.split(args.train_args)
@@ -145,7 +148,7 @@ def run_baseline(args, beton_dir, device, out):
     t0 = time.perf_counter()
     try:
         m = train_baseline(beton_dir, device, target=args.target, epochs=args.baseline_epochs, limit=args.limit,
-                           seed=args.first_seed)
+                           seed=args.first_seed, threads=args.threads)
     except Exception as e:  # noqa: BLE001
         rec = {"recipe": "baseline", "status": "failed", "error": f"{type(e).__name__}: {e}",
                "traceback": traceback.format_exc(limit=8), "time_to_target_s": None}
@@ -225,7 +228,7 @@ def collect(args, env, ds, runs, baseline, state):
         "settings": {"norms": args.norm, "seeds": list(range(args.first_seed, args.first_seed + args.seeds)),
                      "target_acc": args.target, "device": env["device"], "amp": args.amp, "compile": args.compile,
                      "preset": args.preset or T.parse_args([]).preset, "epochs": args.epochs, "limit": args.limit,
-                     "train_args": args.train_args, "baseline": args.baseline, "baseline_epochs": args.baseline_epochs,
+                     "train_args": args.train_args, "threads": args.threads, "baseline": args.baseline, "baseline_epochs": args.baseline_epochs,
                      "warmup": args.warmup},
         "status": "no runs" if not norms else "failed" if all(s["status"] == "failed" for s in norms.values())
         else "partial" if failed_any else "ok",
@@ -371,7 +374,7 @@ def main(argv=None):
         beton_dir, manifest = prepare_betons(resolve_source(args.data), args.beton_dir)
     except DataError as e:
         sys.exit(f"error: {e}")
-    set_all_threads()  # ffcv's import dropped torch to one thread; training sets all of them again
+    set_all_threads(args.threads)  # ffcv's import dropped torch to one thread; training sets all of them again
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     plan = [(n, s, os.path.join(args.out, "runs", f"{n}-s{s}")) for s in seeds for n in args.norm]
     plan = [(n, s, o, train_argv(args, n, s, beton_dir, o, device)) for n, s, o in plan]
