@@ -126,7 +126,7 @@ def run_one(norm, seed, argv, out, target):
             rec["status"] = "reached"
         else:
             rec.update(status="not_reached", time_to_target_s=None,
-                       error=f"did not reach {100 * target:g}% in {metrics.get('epochs_run')} epochs "
+                       error=f"did not reach {100 * target:g}% in {metrics.get('epochs_run')} epoch(s) "
                              f"(best {100 * (metrics.get('best_test_acc') or 0):.2f}%)")
     rec["wall_s"] = time.perf_counter() - t0
     return rec
@@ -155,7 +155,7 @@ def run_baseline(args, beton_dir, device, out):
     else:
         rec = dict(m, status="reached" if m["time_to_target_s"] is not None else "not_reached")
         if rec["status"] == "not_reached":
-            rec["error"] = (f"did not reach {100 * args.target:g}% in {m['epochs_run']} epochs "
+            rec["error"] = (f"did not reach {100 * args.target:g}% in {m['epochs_run']} epoch(s) "
                             f"(best {100 * m['best_test_acc']:.2f}%)")
     rec.update(out=out, wall_s=time.perf_counter() - t0)
     atomic_write_json(os.path.join(out, "metrics.json"), rec)
@@ -300,9 +300,9 @@ def render_markdown(results):
         lines.append("")
         lines.append("Baseline: the reference recipe in benchmarks/baseline.py (46,024-parameter BatchNorm "
                      "network, torchvision DataLoader with 2 workers, batch 128, SGD lr 0.01 momentum 0.9, "
-                     f"fp32 eager, at most {st['baseline_epochs']} epochs), same device, seed {st['seeds'][0]}.")
+                     f"fp32 eager, at most {st['baseline_epochs']} epoch(s)), same device, seed {st['seeds'][0]}.")
         if b["status"] == "not_reached":
-            lines.append(f"It did not reach {target} ({b.get('error')}); its total training time, "
+            lines.append(f"The baseline {b.get('error')}; its total training time, "
                          f"{fmt(b.get('train_time_s'))} s, stands in for its time to target, so every speed-up "
                          "is a lower bound (>=).")
         elif b["status"] == "failed":
@@ -340,11 +340,15 @@ def plot(results, path):
     pos = [x for x in xs if x > 0]
     if pos and max(pos) / min(pos) > 20:  # a slow baseline would squeeze the fast runs against the axis
         ax.set_xscale("log")
+    else:
+        ax.set_xlim(left=0)
     ax.set_ylim(0, 100)
     ax.set_xlabel("cumulative training time (s; compile included, evaluation excluded)")
     ax.set_ylabel("test accuracy (%)")
     env = results["environment"]
-    ax.set_title(f"{results['dataset']['name']} on {env['gpu_name'] or 'CPU'}", fontsize=10)
+    ds = results["dataset"]
+    subset = f", {ds['images_used']['train']}-image subset" if ds.get("limit") else ""
+    ax.set_title(f"{ds['name']}{subset} on {env['gpu_name'] or 'CPU'}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
