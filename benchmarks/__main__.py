@@ -40,7 +40,8 @@ def parse_args(argv=None):
                    help="train the reference recipe too (time_to_accuracy; default on)")
     p.add_argument("--limit", type=int, help="a fixed spread of N images (time_to_accuracy, loader; smoke runs)")
     p.add_argument("--epochs", type=int, help="training epochs (time_to_accuracy; smoke runs)")
-    p.add_argument("--tta-args", default="", metavar="'ARGS'", help="more flags for benchmarks.time_to_accuracy")
+    p.add_argument("--tta-args", default="", metavar="'ARGS'",
+                   help="more flags for benchmarks.time_to_accuracy, as --tta-args='--no-warmup' (with '=')")
     p.add_argument("--loader-args", default="", metavar="'ARGS'", help="more flags for benchmarks.loader")
     p.add_argument("--kernels-args", default="", metavar="'ARGS'", help="more flags for benchmarks.kernels")
     args = p.parse_args(argv)

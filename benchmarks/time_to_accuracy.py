@@ -15,11 +15,16 @@ Runs are interleaved (seed 0 of every norm, then seed 1, ...) so that a slow str
 machine does not land on one norm only. Before the timed runs, an untimed one-epoch warm-up job on a
 small subset pays the process's one-time costs (CUDA context, cuDNN and oneDNN initialization, numba
 JIT in ffcv) that would otherwise be charged to whichever run came first; --no-warmup skips it.
+The warm-up does not compile. With --compile, each run compiles afresh (dynamo is reset between runs),
+but inductor's on-disk cache persists: the first seed of each norm compiles cold (unless an earlier
+invocation left that cache warm) and its later seeds reuse the generated kernels, as a second process
+would; the per-run compile times in results.json show the difference.
 
 Writes DIR/results.json, DIR/results.md (the same numbers as a table) and DIR/time_to_accuracy.png;
 both files are rewritten after every run, so an interrupted suite keeps what it finished.
 """
 import argparse
+import gc
 import json
 import os
 import shlex
@@ -28,6 +33,8 @@ import statistics
 import sys
 import time
 import traceback
+
+import torch
 
 from fastcifar import train as T
 from fastcifar.data import DataError, prepare_betons, resolve_source
@@ -64,7 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, help="torch CPU threads for every run, the baseline included "
                                                "(default: all cores)")
     p.add_argument("--train-args", default="", metavar="'ARGS'",
-                   help="more flags for every training run, e.g. --train-args '--cutout 8 --lr 0.2'")
+                   help="more flags for every training run, e.g. --train-args='--cutout 8' (with '=': "
+                        "argparse takes a lone value that starts with -- for an option)")
     p.add_argument("--baseline", action="store_true",
                    help="also train the reference recipe (benchmarks/baseline.py) on the same device and report "
                         "each norm's speed-up over it")
@@ -110,6 +118,7 @@ RUN_KEYS = ("params", "within_budget", "device", "amp", "compile", "fused_norm",
 def run_one(norm, seed, argv, out, target):
     """One training job; never raises (but for Ctrl-C): a failure is recorded, not thrown."""
     shutil.rmtree(out, ignore_errors=True)  # this run's own folder: no stale metrics or checkpoint mixed in
+    fresh_process_state()
     rec = {"norm": norm, "seed": seed, "out": out, "train_argv": argv}
     t0 = time.perf_counter()
     try:
@@ -132,6 +141,16 @@ def run_one(norm, seed, argv, out, target):
     return rec
 
 
+def fresh_process_state():
+    """As far as one process allows, start each run as a new process would. Dynamo keeps compiled frames
+    per code object: every run's Net.forward is the same one, so without a reset later runs would reuse,
+    or after cache_size_limit recompiles silently stop compiling, and their compile time would be wrong."""
+    gc.collect()
+    torch._dynamo.reset()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _read_json(path):
     try:
         with open(path) as f:
@@ -145,6 +164,7 @@ def run_baseline(args, beton_dir, device, out):
     from .baseline import train_baseline
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out, exist_ok=True)
+    fresh_process_state()
     t0 = time.perf_counter()
     try:
         m = train_baseline(beton_dir, device, target=args.target, epochs=args.baseline_epochs, limit=args.limit,

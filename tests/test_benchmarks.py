@@ -176,9 +176,10 @@ def test_speedup_and_its_lower_bound():
     assert TTA.speedup(reached, {"time_to_target_s": {"median": None}}) is None
 
 
-def test_bad_training_flags_stop_before_any_run(betons, tmp_path):
+def test_bad_training_flags_stop_before_any_run(betons, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        tta(betons, tmp_path / "tta", "--norm", "bn", "--train-args", "--no-such-flag")
+        tta(betons, tmp_path / "tta", "--norm", "bn", "--train-args=--no-such-flag")
+    assert "fastcifar.train" in capsys.readouterr().err  # training's own parser refused it
     assert not (tmp_path / "tta" / "runs").exists()
 
 
