@@ -3,6 +3,7 @@
 Both yield (images, labels): images normalized float in channels_last, labels int64, on `device`.
 Augmentation runs on that device, vectorized over the batch.
 """
+import functools
 import os
 
 import numpy as np
@@ -44,10 +45,16 @@ def augment(x, generator, translate=2, flip=True, cutout=0):
     return x
 
 
+@functools.lru_cache(maxsize=None)
+def _mean_std(device, dtype):
+    # built once per device: a fresh torch.tensor per batch would be a host-to-device copy every step
+    return (torch.tensor(MEAN, device=device, dtype=dtype).view(1, 3, 1, 1),
+            torch.tensor(STD, device=device, dtype=dtype).view(1, 3, 1, 1))
+
+
 def normalize(x, dtype=torch.float32):
     """uint8 (B, C, H, W) -> normalized float in channels_last."""
-    mean = torch.tensor(MEAN, device=x.device, dtype=dtype).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device, dtype=dtype).view(1, 3, 1, 1)
+    mean, std = _mean_std(x.device, dtype)
     return ((x.to(dtype) - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
