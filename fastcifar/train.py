@@ -45,7 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--label-smoothing", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (fp16 + grad scaler on CUDA without bf16)")
+    p.add_argument("--amp", action="store_true",
+                   help="bf16 autocast (CUDA without bf16: fp16 + grad scaler; a CPU without native bf16: fp32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--fused-norm", default="auto", choices=["auto", "on", "off"],
                    help="Triton GroupNorm+ReLU for gn/ln (auto: where it can run)")
@@ -94,6 +95,22 @@ def make_optimizer(model, args):
     return torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
                             {"params": no_decay, "weight_decay": 0.0}],
                            lr=args.lr, momentum=0.9, nesterov=True)
+
+
+def cpu_has_native_bf16():
+    try:
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    except AttributeError:  # private probes: absent means unknown, so no bf16
+        return False
+
+
+def amp_effective(device, amp):
+    """--amp on a CPU without AVX512-BF16 or AMX would emulate bf16: 2-3x slower (benchmarks/NOTES.md)."""
+    if amp and device.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn("--amp: this CPU has no native bf16 (AVX512-BF16 or AMX), where bf16 autocast runs "
+                      "2-3x slower than fp32; training in fp32", stacklevel=2)
+        return False
+    return amp
 
 
 def autocast_for(device, amp):
@@ -148,7 +165,8 @@ def train(args):
         within_budget = False
         warnings.warn(f"!!! {params} parameters is over the {PARAM_BUDGET} budget !!!", stacklevel=2)
     net = torch.compile(model) if args.compile else model
-    autocast, scaler = autocast_for(device, args.amp)
+    amp = amp_effective(device, args.amp)
+    autocast, scaler = autocast_for(device, amp)
 
     # ---- optimizer and schedule, stepped per batch
     opt = make_optimizer(model, args)
@@ -188,7 +206,7 @@ def train(args):
         "norm": args.norm, "params": params, "epochs_run": len(history), "epochs_planned": args.epochs,
         "within_budget": within_budget, "device": device_name(device), "dataset": manifest["description"],
         "dataset_images": {s: v["images"] for s, v in manifest["splits"].items()},
-        "loader": args.loader, "amp": args.amp, "compile": args.compile, "fused_norm": fused,
+        "loader": args.loader, "amp": amp, "amp_requested": args.amp, "compile": args.compile, "fused_norm": fused,
         "preset": args.preset, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
         "target_acc": args.target_acc, "tta": args.tta, "torch_threads": torch.get_num_threads(),
         "compile_time_s": compile_time, "status": "running", "history": history,

@@ -133,3 +133,13 @@ def test_evaluate_cli_scores_a_checkpoint(tmp_path, small_source):
     assert r.returncode == 0, r.stderr
     e = json.load(open(tmp_path / "e.json"))
     assert e["test_acc"] == pytest.approx(metrics["final_test_acc"]) and set(e["per_class"]) >= {"cat", "truck"}
+
+
+def test_amp_falls_back_to_fp32_on_a_cpu_without_native_bf16(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="no native bf16"):
+        assert train_mod.amp_effective(cpu, True) is False
+    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: True)
+    assert train_mod.amp_effective(cpu, True) is True
+    assert train_mod.amp_effective(cpu, False) is False
