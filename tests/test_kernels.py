@@ -431,10 +431,10 @@ def test_fused_model_matches_unfused_model():
         m.zero_grad()
         out = m(x)
         out.square().sum().backward()
-        outs.append((out.detach(), [p.grad for p in m.parameters()]))
+        outs.append((out.detach(), [p.grad for p in m.parameters() if p.requires_grad]))
     assert rel(outs[1][0], outs[0][0]) < 1e-4
     for g_f, g_r in zip(outs[1][1], outs[0][1], strict=True):
-        assert rel(g_f, g_r) < 1e-3  # fp32 vs fp32 through seven layers, different reduction order
+        assert rel(g_f, g_r) < 1e-3  # fp32 vs fp32 through five layers, different reduction order
 
 
 @needs_fused

@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastcifar.models import NORMS, PARAM_BUDGET, count_params, make_model
+from fastcifar.models import NORMS, PARAM_BUDGET, PatchWhitening, StandardizedConv2d, count_params, make_model
+from fastcifar.train import make_optimizer, parse_args
 
 
 @pytest.mark.parametrize("norm", NORMS)
@@ -43,3 +44,53 @@ def test_channels_last_weights_and_output_shape():
 def test_unknown_norm_is_refused():
     with pytest.raises(ValueError, match="unknown norm"):
         make_model("xyz")
+
+
+def test_patch_whitening_decorrelates_the_patches_it_sees():
+    torch.manual_seed(0)
+    mix = torch.randn(3, 3) + 2 * torch.eye(3)  # correlated channels, and neighbouring pixels alike
+    images = torch.einsum("oc,nchw->nohw", mix, torch.randn(400, 3, 16, 16)).repeat_interleave(2, -1)
+    images = images + 0.1 * torch.randn_like(images)
+    stem = PatchWhitening(eps=0.0).fit(images)
+    n = stem.out_channels // 2
+    z = F.conv2d(images, stem.weight[:n], stride=2).permute(0, 2, 3, 1).reshape(-1, n)
+    cov = torch.cov(z.T.double())
+    assert torch.allclose(cov, torch.eye(n, dtype=torch.double), atol=1e-3)
+    assert torch.equal(stem.weight[n:], -stem.weight[:n])  # both signs survive the ReLU
+
+
+def test_patch_whitening_refuses_the_wrong_shape():
+    with pytest.raises(ValueError, match="non-empty"):
+        PatchWhitening().fit(torch.randn(4, 1, 8, 8))
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_training_leaves_the_whitening_filters_frozen(norm):
+    torch.manual_seed(0)
+    m = make_model(norm)
+    m.stem.fit(torch.randn(64, 3, 32, 32))
+    frozen, bias = m.stem.weight.clone(), m.stem.bias.clone()
+    opt = make_optimizer(m, parse_args(["--norm", norm]))
+    F.cross_entropy(m(torch.randn(8, 3, 32, 32)), torch.randint(0, 10, (8,))).backward()
+    opt.step()
+    assert torch.equal(m.stem.weight, frozen) and not torch.equal(m.stem.bias, bias)
+
+
+def test_standardized_conv_ignores_the_filters_scale_and_offset():
+    torch.manual_seed(0)
+    a = StandardizedConv2d(4, 6, 3, padding=1, bias=False)
+    b = StandardizedConv2d(4, 6, 3, padding=1, bias=False)
+    with torch.no_grad():
+        b.weight.copy_(3 * a.weight + 0.5)
+    x = torch.randn(2, 4, 8, 8)
+    assert torch.allclose(a(x), b(x), rtol=2e-3, atol=1e-4)  # up to the 1e-5 added to the variance
+    w = a.weight.double()
+    ref = F.conv2d(x.double(), (w - w.mean((1, 2, 3), keepdim=True)) / (w.var((1, 2, 3), unbiased=False, keepdim=True) + 1e-5).sqrt(),
+                   padding=1)
+    assert torch.allclose(a(x).double(), ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("norm,standardized", [("bn", False), ("gn", True), ("ln", True)])
+def test_gn_and_ln_standardize_their_conv_filters(norm, standardized):
+    convs = [m for m in make_model(norm).features.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(isinstance(c, StandardizedConv2d) == standardized for c in convs)

@@ -8,6 +8,7 @@ import torch
 
 from fastcifar import train as train_mod
 from fastcifar.checkpoint import load_checkpoint
+from fastcifar.models import make_model
 
 HISTORY_KEYS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "train_time_s"}
 REQUIRED = {"norm", "params", "epochs_run", "within_budget", "device", "dataset", "history",
@@ -31,7 +32,17 @@ def test_cli_smoke_writes_all_artefacts(tmp_path, small_source, norm):
     assert on_disk["epochs_to_target"] == 1  # stop-at-target from the default preset
     for f in ("model.pt", "curves.png", "misclassified.png"):
         assert os.path.getsize(os.path.join(out, f)) > 0
-    assert load_checkpoint(os.path.join(out, "model.pt"))["model_config"]["norm"] == norm
+    ckpt = load_checkpoint(os.path.join(out, "model.pt"))
+    assert ckpt["model_config"]["norm"] == norm
+    # the stem was fitted to the training images before the first step: no longer the identity basis
+    stem = ckpt["model"]["stem.weight"]
+    assert not torch.equal(stem, make_model(norm).stem.weight) and on_disk["whiten_fit_time_s"] > 0
+
+
+def test_fast_preset_epochs_per_norm_and_explicit_epochs_win():
+    assert [train_mod.parse_args(["--norm", n]).epochs for n in ("bn", "gn", "ln")] == [2, 3, 3]
+    assert train_mod.parse_args(["--preset", "best"]).epochs == 20
+    assert train_mod.parse_args(["--norm", "gn", "--epochs", "5"]).epochs == 5
 
 
 def test_unreached_target_is_null_and_time_is_cumulative(tmp_path, small_source):

@@ -237,8 +237,8 @@ def _remove_leftovers(folder):
                 os.unlink(os.path.join(folder, name))
 
 
-def read_beton(path, num_workers=None):
-    """Decode a whole beton with ffcv's Loader into (images uint8 (N,32,32,3), labels int64 (N,))."""
+def read_beton(path, num_workers=None, indices=None):
+    """Decode a beton (or its `indices`) with ffcv's Loader into (images uint8 (N,32,32,3), labels int64 (N,))."""
     import torch
     threads = torch.get_num_threads()  # before the import: importing ffcv sets torch to one thread
     from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
@@ -246,6 +246,7 @@ def read_beton(path, num_workers=None):
     try:
         loader = Loader(path, batch_size=1000, num_workers=num_workers or max(1, os.cpu_count() or 1),
                         order=OrderOption.SEQUENTIAL, drop_last=False,
+                        indices=None if indices is None else np.asarray(indices, dtype=np.uint64),
                         pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()]})
         xs, ys = zip(*[(x.copy(), y.copy()) for x, y in loader])
     except Exception as e:  # ffcv raises assorted errors on a damaged file

@@ -86,6 +86,10 @@ class ResidentLoader:
     def load_state_dict(self, state):
         self.generator.set_state(state["generator"])
 
+    def sample(self, n):
+        """A fixed spread of n normalized, unaugmented images (e.g. to fit the whitening stem)."""
+        return normalize(self.images[torch.from_numpy(subset_indices(len(self.labels), n)).to(self.device)])
+
     def __iter__(self):
         n = len(self.labels)
         order = (torch.randperm(n, device=self.device, generator=self.generator) if self.train
@@ -107,7 +111,7 @@ class FFCVLoader:
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
         device = torch.device(device)
-        self.train, self.device = train, device
+        self.beton, self.train, self.device = beton, train, device
         self.aug = dict(translate=translate, flip=flip, cutout=cutout) if train else None
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
@@ -132,6 +136,11 @@ class FFCVLoader:
 
     def load_state_dict(self, state):
         self.generator.set_state(state["generator"])
+
+    def sample(self, n):
+        """A fixed spread of n normalized, unaugmented images (e.g. to fit the whitening stem)."""
+        images, _ = read_beton(self.beton, indices=subset_indices(_beton_len(self.beton), n))
+        return normalize(torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2))
 
     def __iter__(self):
         for x, y in self.loader:
