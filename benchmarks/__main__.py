@@ -1,10 +1,11 @@
 """Run the whole benchmark suite and collect its outputs in one folder.
 
-    python -m benchmarks --data PATH --out results                 # time-to-accuracy, loader, kernels
+    python -m benchmarks --data PATH --out results     # time-to-accuracy, loader, throughput, kernels
     python -m benchmarks --data PATH --norm bn --seeds 1 --no-baseline --parts time_to_accuracy loader
 
 OUT/time_to_accuracy/  results.json, results.md, time_to_accuracy.png, runs/   (benchmarks.time_to_accuracy)
 OUT/loader/            loader.json, loader.md                                  (benchmarks.loader)
+OUT/throughput/        throughput.json, throughput.md, throughput.png           (benchmarks.throughput)
 OUT/kernels/           kernels.json                                            (benchmarks.kernels; needs CUDA)
 OUT/summary.json       each part's exit status, error and output folder; OUT/summary.md the same, with the
                        parts' Markdown reports appended
@@ -22,8 +23,8 @@ import traceback
 from .common import atomic_write_json, atomic_write_text, environment, machine_line
 
 PROG = "python -m benchmarks"
-PARTS = ("time_to_accuracy", "loader", "kernels")
-REPORTS = {"time_to_accuracy": "results.md", "loader": "loader.md"}
+PARTS = ("time_to_accuracy", "loader", "throughput", "kernels")
+REPORTS = {"time_to_accuracy": "results.md", "loader": "loader.md", "throughput": "throughput.md"}
 
 
 def parse_args(argv=None):
@@ -43,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--tta-args", default="", metavar="'ARGS'",
                    help="more flags for benchmarks.time_to_accuracy, as --tta-args='--no-warmup' (with '=')")
     p.add_argument("--loader-args", default="", metavar="'ARGS'", help="more flags for benchmarks.loader")
+    p.add_argument("--throughput-args", default="", metavar="'ARGS'", help="more flags for benchmarks.throughput")
     p.add_argument("--kernels-args", default="", metavar="'ARGS'", help="more flags for benchmarks.kernels")
     args = p.parse_args(argv)
     args.parts = list(dict.fromkeys(args.parts))
@@ -54,6 +56,8 @@ def part_argv(args, part):
     out = ["--out", os.path.join(args.out, part)]
     if part == "kernels":
         return out + shlex.split(args.kernels_args)
+    if part == "throughput":
+        return out + (["--device", args.device] if args.device else []) + shlex.split(args.throughput_args)
     common = [x for k in ("data", "beton_dir", "device") if getattr(args, k)
               for x in (f"--{k.replace('_', '-')}", getattr(args, k))]
     common += ["--limit", str(args.limit)] if args.limit else []

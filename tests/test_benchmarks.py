@@ -17,6 +17,7 @@ if ROOT not in sys.path:
 
 from benchmarks import baseline as B  # noqa: E402
 from benchmarks import loader as L  # noqa: E402
+from benchmarks import throughput as TP  # noqa: E402
 from benchmarks import time_to_accuracy as TTA  # noqa: E402
 from benchmarks.common import parse_markdown_table  # noqa: E402
 from fastcifar import train as T  # noqa: E402
@@ -274,6 +275,8 @@ def test_suite_records_a_missing_part_and_passes_flags_through(tmp_path, monkeyp
     la = L.parse_args(suite.part_argv(args, "loader") + ["--batch-size", "100"])
     assert (la.out, la.data, la.device, la.limit) == (os.path.join("R", "loader"), "D", "cpu", 300)
     assert suite.part_argv(args, "kernels") == ["--out", os.path.join("R", "kernels")]
+    ta = TP.parse_args(suite.part_argv(args, "throughput"))
+    assert (ta.out, ta.device) == (os.path.join("R", "throughput"), "cpu")
 
 
 def test_results_md_is_rendered_from_the_json(betons, tmp_path, monkeypatch):
@@ -285,3 +288,23 @@ def test_results_md_is_rendered_from_the_json(betons, tmp_path, monkeypatch):
     assert TTA.render_markdown(copy.deepcopy(res)) == (out / "results.md").read_text()
     row = table(out)["bn"]
     assert num(row["time to target, median (s)"]) == 1.88 and row["min (s)"] == "1.25" and row["max (s)"] == "2.50"
+
+
+# ---------------------------------------------------------------- throughput
+
+def test_throughput_counts_the_models_flops_and_times_both_ways(tmp_path):
+    out = tmp_path / "tp"
+    TP.main(["--norm", "bn", "ln", "--precision", "fp32", "--steps", "1", "--repeats", "1", "--warmup", "0",
+             "--batch-size", "8", "--device", "cpu", "--out", str(out)])
+    rows = load(out, "throughput.json")["rows"]
+    assert [(r["norm"], r["precision"]) for r in rows] == [("bn", "fp32"), ("ln", "fp32")]
+    for r in rows:
+        # forward + backward of the 3x3 convs: 3 x 2 x MACs; the stem (no input grad) and head add a little
+        macs = 16 * 16 * 32 * 24 * 9 + 8 * 8 * 32 * 32 * 9 + 8 * 8 * 46 * 32 * 9 + 4 * 4 * 46 * 46 * 9
+        assert r["conv_gflop_per_image"] == pytest.approx(6 * macs / 1e9, rel=1e-6)
+        assert r["conv_gflop_per_image"] < r["train_gflop_per_image"] < 1.05 * r["conv_gflop_per_image"]
+        assert r["step_images_per_s"] > 0 and r["conv_images_per_s"] > 0
+        assert r["epoch_s_at_step_speed"] == pytest.approx(50_000 / r["step_images_per_s"])
+    md = table(out, "norm", "throughput.md")
+    assert set(md) == {"bn", "ln"} and md["bn"]["params"] == str(rows[0]["params"])
+    assert (out / "throughput.png").read_bytes().startswith(PNG_MAGIC)
