@@ -76,7 +76,11 @@ class PatchWhitening(nn.Module):
         n = self.weight.shape[0] // 2
         if images.ndim != 4 or images.shape[1] != self.weight.shape[1] or len(images) == 0:
             raise ValueError(f"fit wants a non-empty (N, {self.weight.shape[1]}, H, W) batch, got {tuple(images.shape)}")
-        patches = F.unfold(images.float(), self.patch, stride=self.patch).transpose(1, 2).reshape(-1, n).double()
+        b, c, h, w = images.shape
+        k = self.patch
+        # non-overlapping k x k patches, each flattened in the filters' (C, kh, kw) order
+        patches = images[:, :, : h // k * k, : w // k * k].reshape(b, c, h // k, k, w // k, k)
+        patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(-1, n).double()
         patches -= patches.mean(0)
         eigval, eigvec = torch.linalg.eigh(patches.T @ patches / len(patches))
         filters = (eigvec / (eigval.clamp_min(0) + self.eps).sqrt()).T.to(self.weight.dtype)
