@@ -285,3 +285,19 @@ def test_loaders_yield_normalized_channels_last(tmp_path, image_folder, loader):
     train = LOADERS[loader](f"{out}/train.beton", 10, "cpu", train=True, seed=0)
     assert len(list(train)) == 3 == len(train)
     assert abs(ref.mean().item()) < 1 and MEAN[0] > 100 and STD[0] > 50
+
+
+def test_both_loaders_sample_the_same_unaugmented_images(tmp_path, image_folder):
+    from fastcifar.data.loaders import FFCVLoader
+    root, _ = image_folder
+    out = str(tmp_path / "b")
+    ensure_betons(root, out)
+    beton = f"{out}/train.beton"
+    resident = ResidentLoader(beton, 10, "cpu", train=True, seed=1)
+    a, b = resident.sample(7), FFCVLoader(beton, 10, "cpu", train=True, seed=2).sample(7)
+    assert a.shape == (7, 3, 32, 32) and a.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(a, b)  # a fixed spread, whatever the seed or loader
+    images, _ = read_beton(beton)
+    want = normalize(torch.from_numpy(images).permute(0, 3, 1, 2))
+    assert all(any(torch.equal(s, w) for w in want) for s in a)  # whole images, not augmented ones
+    assert len(resident.sample(10_000)) == len(images)  # asking for more gives all
