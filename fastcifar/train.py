@@ -20,7 +20,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import CLASSES, DataError, prepare_betons, resolve_source
 from .data.beton import atomic_write_json
 from .data.loaders import LOADERS
-from .evaluate import evaluate, per_class_accuracy, pick_device
+from .evaluate import TTA, evaluate, per_class_accuracy, pick_device
 from .models import NORMS, PARAM_BUDGET, count_params, make_model
 from .plots import plot_curves, plot_misclassified
 
@@ -55,8 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--target-acc", type=float, default=0.70)
     p.add_argument("--stop-at-target", action=argparse.BooleanOptionalAction, default=None,
                    help="stop once test accuracy reaches the target (default: from the preset)")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
-                   help="evaluate with mirror test-time augmentation (its cost counts as evaluation time)")
+    p.add_argument("--tta", default="flip-shift", choices=TTA,
+                   help="test-time views: the mirror image, and one-pixel shifts (counted as evaluation time)")
     p.add_argument("--cutout", type=int, default=0, help="cutout square size in pixels (0: off)")
     p.add_argument("--loader", default="resident", choices=sorted(LOADERS))
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

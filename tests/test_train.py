@@ -154,3 +154,19 @@ def test_amp_falls_back_to_fp32_on_a_cpu_without_native_bf16(monkeypatch):
     monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: True)
     assert train_mod.amp_effective(cpu, True) is True
     assert train_mod.amp_effective(cpu, False) is False
+
+
+def test_tta_views_and_their_shifts():
+    from fastcifar.evaluate import shifted, tta_logits
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
+    assert torch.equal(shifted(x, 1)[..., 1:, 1:], x[..., :-1, :-1])
+    assert torch.equal(shifted(x, -1)[..., :-1, :-1], x[..., 1:, 1:])
+    seen = []
+    model = lambda v: (seen.append(v.clone()), v.sum((1, 2, 3))[:, None].repeat(1, 10))[1]  # noqa: E731
+    for tta, views in (("off", 1), ("flip", 2), ("flip-shift", 4)):
+        seen.clear()
+        out = tta_logits(model, x, tta)
+        assert len(seen) == views and out.shape == (2, 10)
+    assert torch.equal(seen[1], x.flip(3)) and torch.equal(seen[3], shifted(x.flip(3), 1))
+    with pytest.raises(ValueError, match="unknown tta"):
+        tta_logits(model, x, "rotate")
