@@ -37,7 +37,8 @@ TRAIN_IMAGES = 50_000
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=__doc__.split("\n\n", 2)[2],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--norm", nargs="+", default=list(NORMS), choices=NORMS, help="norms (default: all)")
     p.add_argument("--precision", nargs="+", default=list(PRECISIONS), choices=PRECISIONS,
                    help="fp32, and bf16 autocast (default: both)")
@@ -162,9 +163,10 @@ def report(rows, env, args):
         f"- Versions: torch {env['torch']}, python {env['python']}",
         f"- Batch {args.batch_size}, random data, fastest of {args.repeats} x {args.steps} steps", "",
         table, "",
-        "GFLOP/image: forward and backward of the whole model's convolutions and linear layer. Step: a full training step. Conv-only: the model's convolutions alone, forward and "
-        "backward at their shapes in the model. Epoch: 50,000 images at step speed; epoch floor: at conv-only "
-        "speed, what an epoch would cost if everything but the convolutions were free.", ""])
+        "GFLOP/image: forward and backward of the whole model's convolutions and linear layer. Step: a full "
+        "training step. Conv-only: the model's convolutions alone, forward and backward at their shapes in the "
+        "model. Epoch: 50,000 images at step speed; epoch floor: at conv-only speed, what an epoch would cost "
+        "if everything but the convolutions were free.", ""])
 
 
 def plot(rows, path):

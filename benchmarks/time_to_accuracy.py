@@ -111,8 +111,8 @@ def train_argv(args, norm, seed, data, out, device):
 
 
 RUN_KEYS = ("params", "within_budget", "device", "amp", "compile", "fused_norm", "preset", "batch_size", "lr",
-            "tta", "whiten_fit_time_s", "epochs_planned", "epochs_run", "torch_threads", "time_to_target_s", "epochs_to_target",
-            "final_test_acc", "best_test_acc", "compile_time_s", "eval_time_s", "history")
+            "tta", "whiten_fit_time_s", "epochs_planned", "epochs_run", "torch_threads", "time_to_target_s",
+            "epochs_to_target", "final_test_acc", "best_test_acc", "compile_time_s", "eval_time_s", "history")
 
 
 def run_one(norm, seed, argv, out, target):

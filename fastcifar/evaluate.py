@@ -89,9 +89,7 @@ def main(argv=None):
         loader = ResidentLoader(f"{folder}/test.beton", args.batch_size, device, train=False)
     except (DataError, CheckpointError) as e:
         sys.exit(f"error: {e}")
-    trained_with = ckpt.get("args", {}).get("tta", "off")
-    # checkpoints from before the TTA levels stored a bool: True meant the mirror view
-    tta = args.tta or {True: "flip", False: "off"}.get(trained_with, trained_with)
+    tta = args.tta or ckpt.get("args", {}).get("tta", "off")
     loss, acc, preds = evaluate(model, loader, tta=tta)
     labels = loader.labels.cpu().numpy()
     per_class = per_class_accuracy(labels, preds.cpu().numpy())

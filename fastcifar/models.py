@@ -75,7 +75,8 @@ class PatchWhitening(nn.Module):
         """Set the filters from normalized float images (N, C, H, W): the patches this layer will see."""
         n = self.weight.shape[0] // 2
         if images.ndim != 4 or images.shape[1] != self.weight.shape[1] or len(images) == 0:
-            raise ValueError(f"fit wants a non-empty (N, {self.weight.shape[1]}, H, W) batch, got {tuple(images.shape)}")
+            raise ValueError(f"fit wants a non-empty (N, {self.weight.shape[1]}, H, W) batch, "
+                             f"got {tuple(images.shape)}")
         b, c, h, w = images.shape
         k = self.patch
         # non-overlapping k x k patches, each flattened in the filters' (C, kh, kw) order
