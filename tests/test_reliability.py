@@ -177,6 +177,27 @@ elif at == "slow_items":  # slow ffcv's writer workers down (they are forked: th
         time.sleep(0.1)
         return real_item(self, i)
     bt._ArrayDataset.__getitem__ = getitem
+elif at == "swallowed_ctrl_c":  # Ctrl-C to the group while ffcv's writer waits; the parent loses its exception
+    import ffcv.writer as fw
+    real_sleep = fw.sleep
+    def sleep(t):
+        if due():
+            try:
+                os.killpg(0, signal.SIGINT)
+                while True:  # the handler runs here, as it can inside a ctypes or at-fork callback
+                    time.sleep(0.01)
+            except KeyboardInterrupt:
+                print("HOOK swallowed", flush=True)
+        return real_sleep(t)
+    fw.sleep = sleep
+elif at == "worker_dies":  # one of ffcv's forked writer workers is killed, as the OOM killer would
+    import fastcifar.data.beton as bt
+    real_item = bt._ArrayDataset.__getitem__
+    def getitem(self, i):
+        if i == 5:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_item(self, i)
+    bt._ArrayDataset.__getitem__ = getitem
 elif at:
     sys.exit(f"unknown hook {at}")
 
@@ -436,6 +457,35 @@ def test_ctrl_c_to_the_process_group_while_ffcv_workers_write(tmp_path, tiny):
     assert err.strip().splitlines()[-1] == "interrupted: no beton was left that a later run would trust", err
     assert "Traceback" not in err and "leaked" not in err, err
     assert os.listdir(betons) == [".lock"]
+
+
+def test_ctrl_c_the_parent_swallowed_still_stops_the_conversion(tmp_path, tiny):
+    """Python drops an exception raised in some callbacks; ffcv's writer would then wait for ever on workers
+    that left on the same Ctrl-C."""
+    source, _, _ = tiny
+    betons = str(tmp_path / "betons")
+    p = spawn("fastcifar.data", "--source", source, "--out", betons, hook={"at": "swallowed_ctrl_c"},
+              new_session=True)  # its own process group: the hook's Ctrl-C must not reach pytest
+    try:
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    r = subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    assert "HOOK swallowed" in r.stdout and r.returncode == 1, show(r)
+    assert r.stderr.strip().splitlines()[-1] == "interrupted: no beton was left that a later run would trust"
+    assert "Traceback" not in r.stderr and "leaked" not in r.stderr, show(r)
+    assert os.listdir(betons) == [".lock"]
+
+
+def test_a_writer_worker_that_dies_is_an_error_not_a_hang(tmp_path, tiny):
+    source, _, _ = tiny
+    betons = str(tmp_path / "betons")
+    r = child("fastcifar.data", "--source", source, "--out", betons, hook={"at": "worker_dies"}, timeout=120)
+    assert r.returncode == 1, show(r)
+    assert r.stderr.strip().splitlines()[-1] == \
+        "error: an ffcv writer worker died (exit code -9) while writing train.beton; nothing was kept", show(r)
+    assert "leaked" not in r.stderr and os.listdir(betons) == [".lock"], show(r)
 
 
 # ---------------------------------------------------------------- concurrent conversions

@@ -1,12 +1,15 @@
 """Convert a CIFAR-10 source to FFCV .beton files once, atomically, and read them back."""
+import _thread
 import contextlib
 import fcntl
 import hashlib
 import json
-import multiprocessing.util
+import multiprocessing
 import os
 import signal
 import tempfile
+import threading
+import time
 
 import numpy as np
 
@@ -80,8 +83,8 @@ def _beton_bytes_bound(n, num_workers, image_bytes=32 * 32 * 3, chunk=100):
 
 
 def _check_free_space(path, need):
-    # ffcv's writer hangs for ever when a worker process dies on a full disk (the parent waits on a queue
-    # the dead worker never fills), so refuse up front rather than start a conversion that cannot finish
+    # a worker that dies on a full disk fails the conversion only after it has filled the disk (and on its own
+    # ffcv would wait for it for ever), so refuse up front rather than start a conversion that cannot finish
     try:
         st = os.statvfs(os.path.dirname(os.path.abspath(path)))
     except (OSError, AttributeError):  # no statvfs: nothing to check
@@ -93,18 +96,71 @@ def _check_free_space(path, need):
                         f"{free / 1e6:.0f} MB are free")
 
 
-def _leave_quietly(*_):
-    raise SystemExit(130)
+_forking = False  # True between fork and the last at-fork callback, where an exception is printed and dropped
 
 
-def _quiet_on_ctrl_c(_):
-    # runs in each forked ffcv writer worker: Ctrl-C reaches the whole process group and the parent reports
-    # it; without this every worker would print a KeyboardInterrupt traceback beside that message
-    signal.signal(signal.SIGINT, _leave_quietly)
+def _set_forking(on):
+    global _forking
+    _forking = on
 
 
-class _ForkHook:  # multiprocessing keeps after-fork hooks only while their object lives
-    pass
+os.register_at_fork(before=lambda: _set_forking(True), after_in_parent=lambda: _set_forking(False),
+                    after_in_child=lambda: _set_forking(False))
+
+
+class _WriterWatch(threading.Thread):
+    """Turns the two ways ffcv's writer waits for ever into an exception in the main thread. ffcv polls a
+    counter its workers raise and never looks at the workers themselves, so it hangs when one dies, and when
+    the parent's KeyboardInterrupt is swallowed: Ctrl-C can land in an at-fork or ctypes callback, where
+    Python prints an exception and goes on. The workers, meanwhile, left on the same Ctrl-C."""
+
+    GRACE = 1.0  # seconds the main thread gets to unwind on its own before it is interrupted again
+
+    def __init__(self):
+        super().__init__(daemon=True, name="fastcifar-writer-watch")
+        self.before = set(multiprocessing.active_children())
+        self.workers, self.died, self.since, self.sigint = set(), None, None, False
+        self.finished, self.prev, self.pid = threading.Event(), None, os.getpid()
+
+    def __enter__(self):
+        prev = signal.getsignal(signal.SIGINT)
+        if threading.current_thread() is threading.main_thread() and prev is not signal.SIG_IGN:
+            self.prev = prev
+            signal.signal(signal.SIGINT, self._on_sigint)
+        self.start()
+        return self
+
+    def _on_sigint(self, signum, frame):
+        if os.getpid() != self.pid:  # a forked writer worker: Ctrl-C reached the group, the parent reports it
+            os._exit(130)  # not SystemExit, which numba's ctypes callbacks would print and drop
+        self.sigint = True
+        if _forking:  # raised here it would be lost; run() interrupts the main thread again after the fork
+            return
+        if callable(self.prev):
+            self.prev(signum, frame)
+        raise KeyboardInterrupt
+
+    def run(self):
+        while not self.finished.wait(0.1):
+            self.workers |= set(multiprocessing.active_children()) - self.before
+            codes = [p.exitcode for p in self.workers if p.exitcode not in (None, 0)]
+            if not (self.sigint or codes):
+                continue
+            self.since = self.since or time.monotonic()
+            if time.monotonic() - self.since > self.GRACE:
+                if codes and codes[0] != 130 and not self.sigint:  # 130: a worker that left on Ctrl-C
+                    self.died = codes[0]
+                _thread.interrupt_main()
+                self.since = time.monotonic()  # and again, should this one be swallowed too
+
+    def __exit__(self, *exc):
+        self.finished.set()
+        self.join()
+        if self.prev is not None:
+            signal.signal(signal.SIGINT, self.prev)
+        for p in self.workers | (set(multiprocessing.active_children()) - self.before):
+            p.terminate()  # workers still writing would keep the interpreter from exiting (it joins them)
+            p.join(5)
 
 
 def write_beton(split, path, num_workers=None):
@@ -114,13 +170,13 @@ def write_beton(split, path, num_workers=None):
     tmp = f"{path}.partial-{os.getpid()}"
     num_workers = num_workers or max(1, os.cpu_count() or 1)
     _check_free_space(path, _beton_bytes_bound(len(split), num_workers))
-    writer, hook = None, _ForkHook()
-    multiprocessing.util.register_after_fork(hook, _quiet_on_ctrl_c)
+    writer, watch = None, _WriterWatch()
     try:
-        # raw mode: 32x32 images are tiny and stay bit-exact
-        writer = DatasetWriter(tmp, {"image": RGBImageField(write_mode="raw"), "label": IntField()},
-                               num_workers=num_workers, page_size=_PAGE)
-        writer.from_indexed_dataset(_ArrayDataset(split))
+        with watch:
+            # raw mode: 32x32 images are tiny and stay bit-exact
+            writer = DatasetWriter(tmp, {"image": RGBImageField(write_mode="raw"), "label": IntField()},
+                                   num_workers=num_workers, page_size=_PAGE)
+            writer.from_indexed_dataset(_ArrayDataset(split))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -135,6 +191,9 @@ def write_beton(split, path, num_workers=None):
                 shm.unlink()
             with contextlib.suppress(Exception):
                 shm.close()
+        if watch.died is not None:
+            raise DataError(f"an ffcv writer worker died (exit code {watch.died}) while writing "
+                            f"{os.path.basename(path)}; nothing was kept") from None
         raise
 
 
