@@ -463,8 +463,13 @@ class GroupNormReLUFunction(torch.autograd.Function):
 # Functional entry point
 # ---------------------------------------------------------------------------------------------
 def _kernels_interpreted():
+    # triton's own jit'd helpers (tl.sum's combine function) are fixed when triton is imported: imported before
+    # TRITON_INTERPRET was set, they fail inside an interpreted kernel, so the torch path must be taken then
+    from triton.language import standard
     from triton.runtime.interpreter import InterpretedFunction
-    return isinstance(_gn_relu_fwd_kernel, InterpretedFunction)
+    helper = getattr(standard, "_sum_combine", None)
+    return isinstance(_gn_relu_fwd_kernel, InterpretedFunction) and \
+        (helper is None or isinstance(helper, InterpretedFunction))
 
 
 _INTERPRETED = triton is not None and _kernels_interpreted()

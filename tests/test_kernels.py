@@ -6,60 +6,35 @@ fp32 results must be within 1e-5.
 Without a GPU the Triton kernels run in the Triton interpreter on CPU tensors; with one, the same
 tests run the compiled kernels on CUDA tensors, plus the fp16/bf16/compile tests marked for CUDA.
 """
+import importlib
+import json
 import os
-import shutil
+import random
+import sys
 
-# triton.jit picks interpreted vs compiled when a kernel is defined, so TRITON_INTERPRET has to be
-# set before the kernels module (and triton) is imported. Only without an NVIDIA device: with one we
-# want the compiled kernels, and torch cannot be asked yet (importing it comes after this).
-# If we set it, it is unset again once the kernels are imported and set only around this module's
-# tests (fixture below): fused_available(cpu) needs it, and other test modules (training on the
-# CPU) should keep the torch path rather than run the slow interpreter.
-_NVIDIA_VISIBLE = os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi") is not None
-_WE_SET_INTERPRET = not _NVIDIA_VISIBLE and "TRITON_INTERPRET" not in os.environ
-if _WE_SET_INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-import importlib  # noqa: E402
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-import random  # noqa: E402
-import sys  # noqa: E402
+# conftest imported the kernels, under the interpreter where there is no NVIDIA device
+from conftest import NVIDIA_VISIBLE, ROOT, WE_SET_INTERPRET, import_kernels
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _import_kernels():
-    try:
-        import fastcifar_kernels  # installed: setup.py maps kernels/ to this name
-    except ImportError:  # a bare checkout: load kernels/ under the same name
-        spec = importlib.util.spec_from_file_location(
-            "fastcifar_kernels", os.path.join(ROOT, "kernels", "__init__.py"),
-            submodule_search_locations=[os.path.join(ROOT, "kernels")])
-        fastcifar_kernels = importlib.util.module_from_spec(spec)
-        sys.modules["fastcifar_kernels"] = fastcifar_kernels
-        spec.loader.exec_module(fastcifar_kernels)
-    return fastcifar_kernels
-
-
-fk = _import_kernels()
+fk = import_kernels()
 # the function group_norm_relu shadows the submodule as an attribute, so fetch the module itself
 impl = importlib.import_module("fastcifar_kernels.group_norm_relu")
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if WE_SET_INTERPRET:
+    os.environ["TRITON_INTERPRET"] = "1"  # fused_available(cpu) asks for it at call time too
 FUSED_HERE = fk.fused_available(DEV)
-if _WE_SET_INTERPRET:
+if WE_SET_INTERPRET:
     del os.environ["TRITON_INTERPRET"]
 
 
 @pytest.fixture(autouse=True)
 def _interpreter_env(monkeypatch):
-    if _WE_SET_INTERPRET:
+    if WE_SET_INTERPRET:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
 FORMATS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
 TOL = 1e-5
@@ -217,7 +192,7 @@ def test_triton_path_is_live_here():
     TRITON_INTERPRET was set, or triton is missing."""
     if torch.cuda.is_available():
         assert fk.fused_available(torch.empty(1, device="cuda"))
-    elif not _NVIDIA_VISIBLE:
+    elif not NVIDIA_VISIBLE:
         assert fk.fused_available(torch.empty(1)), "Triton interpreter not active for CPU tensors"
     else:
         pytest.skip("an NVIDIA device is visible but torch cannot use it")
