@@ -1,4 +1,3 @@
-import importlib.util
 import os
 import pickle
 import shutil
@@ -12,32 +11,20 @@ import tarfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NVIDIA_VISIBLE = os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi") is not None
 WE_SET_INTERPRET = not NVIDIA_VISIBLE and "TRITON_INTERPRET" not in os.environ
-
-
-def import_kernels():
-    try:
-        import fastcifar_kernels  # installed: setup.py maps kernels/ to this name
-    except ImportError:  # a bare checkout: load kernels/ under the same name
-        spec = importlib.util.spec_from_file_location(
-            "fastcifar_kernels", os.path.join(ROOT, "kernels", "__init__.py"),
-            submodule_search_locations=[os.path.join(ROOT, "kernels")])
-        fastcifar_kernels = importlib.util.module_from_spec(spec)
-        sys.modules["fastcifar_kernels"] = fastcifar_kernels
-        spec.loader.exec_module(fastcifar_kernels)
-    return fastcifar_kernels
-
-
 if WE_SET_INTERPRET:
     os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import_kernels()
-    finally:
+sys.path.insert(0, ROOT)  # benchmarks/ runs from the checkout; it is not installed
+try:
+    from benchmarks.kernels import import_kernels
+    import_kernels()
+finally:
+    if WE_SET_INTERPRET:
         del os.environ["TRITON_INTERPRET"]
 
-import numpy as np
-import pytest
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
-from fastcifar.data.sources import CLASSES
+from fastcifar.data.sources import CLASSES  # noqa: E402
 
 SHARED_JPEG = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10-jpeg.tar.gz")
 
