@@ -22,9 +22,10 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from fastcifar.evaluate import pick_device
-from fastcifar.models import NORMS, PatchWhitening, count_params, make_model
+from fastcifar.models import NORMS, count_params, make_model
 from fastcifar.train import cpu_has_native_bf16, make_optimizer, parse_args as train_args
 
 from .common import (atomic_write_json, atomic_write_text, environment, fmt, machine_line, markdown_table,
@@ -70,30 +71,11 @@ def timed(fn, steps, warmup, repeats, device):
     return best
 
 
-def count_flops(modules, run):
-    """FLOPs of one call of `run` in the convs and linear layers among `modules`, forward and backward:
-    2 per multiply-add forward, as many again for the input's gradient and for the weight's, where
-    those gradients exist. (torch.utils.flop_counter counts the same, but importing it imports triton,
-    which must not happen before a test sets TRITON_INTERPRET.)"""
-    total = [0]
-
-    def hook(m, inputs, out):
-        x = inputs[0]
-        if isinstance(m, nn.Linear):
-            macs = out.numel() * m.in_features
-        else:  # nn.Conv2d or the whitening stem's conv
-            w = m.weight
-            macs = out.numel() * w.shape[1] * w.shape[2] * w.shape[3]
-        total[0] += 2 * macs * (1 + x.requires_grad + m.weight.requires_grad)
-
-    hooks = [m.register_forward_hook(hook) for m in modules
-             if isinstance(m, (nn.Conv2d, nn.Linear, PatchWhitening))]
-    try:
+def count_flops(run):
+    """FLOPs of one call of `run` in its convolutions and matrix products, forward and backward."""
+    with FlopCounterMode(display=False) as counter:
         run()
-    finally:
-        for h in hooks:
-            h.remove()
-    return total[0]
+    return counter.get_total_flops()
 
 
 def autocast(device, precision):
@@ -118,7 +100,7 @@ def measure(norm, precision, args, device):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    flops = count_flops(model.modules(), step) / b
+    flops = count_flops(step) / b
     step_s = timed(step, args.steps, args.warmup, args.repeats, device)
 
     # each 3x3 conv at the input shape it meets in the model
@@ -136,7 +118,7 @@ def measure(norm, precision, args, device):
             outs = [m(i) for m, i in zip(convs, inputs)]
         torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
 
-    conv_flops = count_flops(convs, convs_only) / b
+    conv_flops = count_flops(convs_only) / b
     conv_s = timed(convs_only, args.steps, args.warmup, args.repeats, device)
     return {"norm": norm, "precision": precision, "params": count_params(model), "batch_size": b,
             "train_gflop_per_image": flops / 1e9, "conv_gflop_per_image": conv_flops / 1e9,

@@ -36,6 +36,8 @@ if WE_SET_INTERPRET:
 def _interpreter_env(monkeypatch):
     if WE_SET_INTERPRET:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
 FORMATS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
 TOL = 1e-5
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),

@@ -85,8 +85,8 @@ def test_standardized_conv_ignores_the_filters_scale_and_offset():
     x = torch.randn(2, 4, 8, 8)
     assert torch.allclose(a(x), b(x), rtol=2e-3, atol=1e-4)  # up to the 1e-5 added to the variance
     w = a.weight.double()
-    ref = F.conv2d(x.double(), (w - w.mean((1, 2, 3), keepdim=True)) / (w.var((1, 2, 3), unbiased=False, keepdim=True) + 1e-5).sqrt(),
-                   padding=1)
+    w_std = (w - w.mean((1, 2, 3), keepdim=True)) / (w.var((1, 2, 3), unbiased=False, keepdim=True) + 1e-5).sqrt()
+    ref = F.conv2d(x.double(), w_std, padding=1)
     assert torch.allclose(a(x).double(), ref, atol=1e-4)
 
 
