@@ -1,53 +1,23 @@
 """Pieces the benchmark harnesses share: atomic outputs, the environment record, dataset naming,
 a torchvision-style Dataset over uint8 arrays, and Markdown tables."""
-import contextlib
 import datetime
 import os
 import platform
 import shlex
 import subprocess
 import sys
-import tempfile
 
 import numpy as np
 import torch
 
-from fastcifar.data.beton import atomic_write_bytes, atomic_write_json  # noqa: F401  (re-exported)
+from fastcifar.device import cpu_model, default_threads, pick_device, sync  # noqa: F401  (re-exported)
+from fastcifar.io import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: F401  (re-exported)
+from fastcifar.io import save_figure as save_figure_atomic  # noqa: F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# ---------------------------------------------------------------- atomic outputs
-
-def atomic_write_text(path, text):
-    atomic_write_bytes(path, text.encode())
-
-
-def save_figure_atomic(fig, path, **kw):
-    """savefig to a temporary name in the same folder, then rename: a killed run never leaves half a PNG."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{os.path.basename(path)}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, **kw)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 # ---------------------------------------------------------------- environment
-
-def cpu_model():
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return platform.processor() or None
-
 
 def module_version(name):
     """The installed distribution's version (ffcv's own __version__ string lags its releases); None if absent."""
@@ -88,7 +58,7 @@ def environment(device, prog, argv):
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_model()})",
         "cpu_model": cpu_model(),
-        "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_cores": default_threads(),
         "torch_threads": torch.get_num_threads(),
         "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "cuda": torch.version.cuda if device.type == "cuda" else None,
@@ -173,14 +143,9 @@ def normalize_transform():
 def set_all_threads(n=None):
     # importing ffcv (and starting one of its Loaders) drops torch to one thread; every harness measures
     # with all the cores it is allowed, like training does, unless told otherwise
-    n = n or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+    n = n or default_threads()
     torch.set_num_threads(n)
     return n
-
-
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------- tables

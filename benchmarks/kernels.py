@@ -22,7 +22,6 @@ Without CUDA this prints that nothing was timed, writes {"skipped": true, "reaso
 import argparse
 import importlib
 import importlib.util
-import json
 import math
 import os
 import statistics
@@ -31,6 +30,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from fastcifar.io import atomic_write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -96,12 +97,7 @@ def bytes_moved(n, c, h, w, elt, mode, affine=True):
 
 def write_json_atomic(path, obj):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_json(path, obj)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -29,11 +29,11 @@ import torch
 
 from fastcifar.data import DataError, prepare_betons, resolve_source
 from fastcifar.data.loaders import FFCVLoader, ResidentLoader
-from fastcifar.evaluate import pick_device
+from fastcifar.device import ConfigError, default_workers
 
 from .common import (ArrayDataset, atomic_write_json, atomic_write_text, dataset_line, dataset_record,
-                     environment, load_arrays, machine_line, markdown_table, normalize_transform, set_all_threads,
-                     sync)
+                     environment, load_arrays, machine_line, markdown_table, normalize_transform, pick_device,
+                     set_all_threads, sync)
 
 PROG = "python -m benchmarks.loader"
 LOADER_NAMES = ("resident", "ffcv", "torchvision")
@@ -132,7 +132,7 @@ def bench(name, args, beton_dir, device):
     return {"loader": name, "status": "ok", "setup_s": setup, "warmup_epoch_s": warm, "timed_epochs": args.epochs,
             "images": images, "batches": batches, "time_s": elapsed, "images_per_s": images / elapsed,
             "torch_threads": threads,
-            "workers": {"ffcv": args.ffcv_workers or max(1, os.cpu_count() or 1),
+            "workers": {"ffcv": args.ffcv_workers or default_workers(),
                         "torchvision": args.torchvision_workers}.get(name, 0),
             "augmentation": "translate 2 px + flip" + (f" + cutout {args.cutout}" if args.cutout else "")
             if name != "torchvision" else "RandomCrop(32, padding=2) + RandomHorizontalFlip"}
@@ -181,7 +181,7 @@ def main(argv=None):
     try:
         device = pick_device(args.device)
         beton_dir, manifest = prepare_betons(resolve_source(args.data), args.beton_dir)
-    except DataError as e:
+    except (DataError, ConfigError) as e:
         sys.exit(f"error: {e}")
     os.makedirs(args.out, exist_ok=True)
     set_all_threads(args.threads)

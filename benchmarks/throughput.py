@@ -24,12 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from fastcifar.evaluate import pick_device
 from fastcifar.models import NORMS, count_params, make_model
 from fastcifar.train import cpu_has_native_bf16, make_optimizer, parse_args as train_args
 
 from .common import (atomic_write_json, atomic_write_text, environment, fmt, machine_line, markdown_table,
-                     save_figure_atomic, set_all_threads, sync)
+                     pick_device, save_figure_atomic, set_all_threads, sync)
 
 PROG = "python -m benchmarks.throughput"
 PRECISIONS = ("fp32", "bf16")

@@ -1,10 +1,10 @@
 """Atomic checkpoints: a crash mid-write leaves the previous checkpoint intact and never a partial one."""
-import contextlib
 import io
 import os
-import tempfile
 
 import torch
+
+from .io import atomic_write_bytes
 
 CHECKPOINT_VERSION = 1
 
@@ -16,19 +16,7 @@ class CheckpointError(RuntimeError):
 def save_checkpoint(path, state):
     buf = io.BytesIO()
     torch.save({"version": CHECKPOINT_VERSION, **state}, buf)
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(fd, 0o644)
-            f.write(buf.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, buf.getbuffer())
 
 
 def load_checkpoint(path, map_location="cpu"):

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .data import CLASSES, DataError, prepare_betons, resolve_source
-from .data.beton import atomic_write_json
+from .device import ConfigError, pick_device
+from .io import atomic_write_json
 from .data.loaders import ResidentLoader
 from .models import make_model
 
@@ -62,14 +63,6 @@ def per_class_accuracy(labels, preds):
     return {c: float((preds[labels == i] == i).mean()) for i, c in enumerate(CLASSES)}
 
 
-def pick_device(name="auto"):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda: no CUDA device is available")
-    return torch.device(name)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m fastcifar.evaluate", description="Score a fastcifar checkpoint.")
     p.add_argument("--checkpoint", required=True)
@@ -87,7 +80,7 @@ def main(argv=None):
         model.load_state_dict(ckpt["model"])
         folder, manifest = prepare_betons(resolve_source(args.data), args.beton_dir)
         loader = ResidentLoader(f"{folder}/test.beton", args.batch_size, device, train=False)
-    except (DataError, CheckpointError) as e:
+    except (DataError, ConfigError, CheckpointError) as e:
         sys.exit(f"error: {e}")
     tta = args.tta or ckpt.get("args", {}).get("tta", "off")
     loss, acc, preds = evaluate(model, loader, tta=tta)

@@ -1,8 +1,7 @@
 """Figures a person would rather look at than read: training curves and misclassified images."""
-import os
-import tempfile
-
 import numpy as np
+
+from .io import save_figure
 
 
 def _plt():
@@ -13,16 +12,9 @@ def _plt():
 
 
 def _save(fig, path):
-    # rename into place so a reader never sees a half-written PNG
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        save_figure(fig, path, dpi=110, bbox_inches="tight")
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
         _plt().close(fig)
 
 

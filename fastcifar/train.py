@@ -18,9 +18,10 @@ import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import CLASSES, DataError, prepare_betons, resolve_source
-from .data.beton import atomic_write_json
+from .io import atomic_write_json
 from .data.loaders import LOADERS
-from .evaluate import TTA, evaluate, per_class_accuracy, pick_device
+from .device import ConfigError, default_threads, device_name, pick_device, sync
+from .evaluate import TTA, evaluate, per_class_accuracy
 from .models import NORMS, PARAM_BUDGET, count_params, make_model
 from .plots import plot_curves, plot_misclassified
 
@@ -134,7 +135,7 @@ def resolve_fused(mode, norm, device):
     except ImportError:
         ok = False
     if mode == "on" and not ok:
-        raise DataError("--fused-norm on: the Triton kernel cannot run here (needs CUDA, or TRITON_INTERPRET=1)")
+        raise ConfigError("--fused-norm on: the Triton kernel cannot run here (needs CUDA, or TRITON_INTERPRET=1)")
     return ok
 
 
@@ -159,7 +160,7 @@ def train(args):
                           cutout=args.cutout, limit=args.limit)
     test_loader = LOADERS["resident"](f"{beton_dir}/test.beton", 1000, device, train=False, limit=args.limit)
     # after the loaders: ffcv sets torch's thread count when it is imported and when a Loader starts
-    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    torch.set_num_threads(args.threads or default_threads())
 
     # ---- model
     model_config = {"norm": args.norm, "fused": fused}
@@ -304,20 +305,6 @@ def summarize(metrics, history, target, eval_time):
         best_test_acc=max((h["test_acc"] for h in history), default=None))
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-    return f"cpu ({cpu}, {torch.get_num_threads()} threads)"
-
-
 def progress(iterable, desc, quiet):
     if quiet:
         return iterable
@@ -335,7 +322,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         metrics = train(args)
-    except (DataError, CheckpointError, FloatingPointError) as e:
+    except (DataError, ConfigError, CheckpointError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # disk full, permissions: the cause on one line
         where = f" ({e.filename})" if e.filename else ""

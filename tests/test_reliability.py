@@ -96,20 +96,21 @@ if at == "train_step":  # the training loss is the only cross_entropy call with 
         return real_ce(*a, **k)
     F.cross_entropy = ce
 elif at in ("ckpt_partial", "ckpt_rename", "ckpt_enospc", "metrics_partial"):
-    import fastcifar.checkpoint as ck, fastcifar.data.beton as bt
-    mod = bt if at == "metrics_partial" else ck  # metrics.json is written by beton.atomic_write_json
+    import fastcifar.io as fio  # every atomic write goes through it
+    target = "metrics.json" if at == "metrics_partial" else "model.pt"
     def fsync(fd):
-        if at != "ckpt_rename" and due():
+        if at != "ckpt_rename" and os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(f".{target}.") \
+                and due():
             os.ftruncate(fd, os.fstat(fd).st_size // 2)  # as if the write had been cut short
             if at == "ckpt_enospc":
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             fire("file write")
         return os.fsync(fd)
     def replace(a, b):
-        if at == "ckpt_rename" and due():
+        if at == "ckpt_rename" and os.path.basename(b) == target and due():
             fire("before rename")
         return os.replace(a, b)
-    mod.os = OsProxy(fsync=fsync, replace=replace)
+    fio.os = OsProxy(fsync=fsync, replace=replace)
 elif at == "convert":  # ffcv's finalize: data pages written, header not yet; earlier splits renamed in place
     from ffcv.writer import DatasetWriter
     real_fin = DatasetWriter.finalize
@@ -119,8 +120,8 @@ elif at == "convert":  # ffcv's finalize: data pages written, header not yet; ea
         return real_fin(self, allocations)
     DatasetWriter.finalize = finalize
 elif at == "fill_disk":  # after epoch 1's metrics.json, fill the file system that holds OUT
-    import fastcifar.data.beton as bt
-    real_json = bt.atomic_write_json
+    import fastcifar.io as fio
+    real_json = fio.atomic_write_json
     def atomic_write_json(path, obj):
         real_json(path, obj)
         if due():
@@ -132,7 +133,7 @@ elif at == "fill_disk":  # after epoch 1's metrics.json, fill the file system th
                     except OSError as e:
                         assert e.errno == errno.ENOSPC, e
             print("HOOK disk filled", flush=True)
-    bt.atomic_write_json = atomic_write_json
+    fio.atomic_write_json = atomic_write_json
 elif at == "hold_lock":  # convert only once another process has arrived (it then waits on the lock)
     import fastcifar.data.beton as bt
     real_read = bt.read_source

@@ -7,12 +7,13 @@ import json
 import multiprocessing
 import os
 import signal
-import tempfile
 import threading
 import time
 
 import numpy as np
 
+from ..device import default_workers
+from ..io import atomic_write_json
 from .sources import CLASSES, SPLITS, DataError, read_source, source_fingerprint
 
 FORMAT_VERSION = 1
@@ -25,27 +26,6 @@ def _sha256(path):
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def atomic_write_bytes(path, data):
-    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide results from other users
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path, obj):
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 @contextlib.contextmanager
@@ -168,7 +148,7 @@ def write_beton(split, path, num_workers=None):
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
     tmp = f"{path}.partial-{os.getpid()}"
-    num_workers = num_workers or max(1, os.cpu_count() or 1)
+    num_workers = num_workers or default_workers()
     _check_free_space(path, _beton_bytes_bound(len(split), num_workers))
     writer, watch = None, _WriterWatch()
     try:
@@ -303,7 +283,7 @@ def read_beton(path, num_workers=None, indices=None):
     from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
     try:
-        loader = Loader(path, batch_size=1000, num_workers=num_workers or max(1, os.cpu_count() or 1),
+        loader = Loader(path, batch_size=1000, num_workers=num_workers or default_workers(),
                         order=OrderOption.SEQUENTIAL, drop_last=False,
                         indices=None if indices is None else np.asarray(indices, dtype=np.uint64),
                         pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()]})

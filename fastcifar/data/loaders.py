@@ -4,11 +4,11 @@ Both yield (images, labels): images normalized float in channels_last, labels in
 Augmentation runs on that device, vectorized over the batch.
 """
 import functools
-import os
 
 import numpy as np
 import torch
 
+from ..device import default_workers
 from .beton import read_beton
 
 # per-channel statistics of the CIFAR-10 training set, 0..255 scale
@@ -117,7 +117,7 @@ class FFCVLoader:
         self.generator.manual_seed(seed)
         non_blocking = device.type == "cuda"
         self.loader = Loader(
-            beton, batch_size=batch_size, num_workers=num_workers or max(1, os.cpu_count() or 1),
+            beton, batch_size=batch_size, num_workers=num_workers or default_workers(),
             order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL, seed=seed,
             drop_last=train if drop_last is None else drop_last,
             # uint64 like ffcv's own default: int64 indices meet uint64 inside ffcv and become float64
