@@ -39,8 +39,10 @@ def augment(x, generator, translate=2, flip=True, cutout=0):
         cy, cx = torch.randint(0, h, (b,), device=dev, generator=generator), \
             torch.randint(0, w, (b,), device=dev, generator=generator)
         ys, xs = torch.arange(h, device=dev), torch.arange(w, device=dev)
-        inside = ((ys[None, :, None] - cy[:, None, None]).abs() <= cutout // 2) & \
-                 ((xs[None, None, :] - cx[:, None, None]).abs() <= cutout // 2)
+        # rows cy - cutout//2 .. cy - cutout//2 + cutout - 1: exactly cutout wide (clipped at the border)
+        top, left = cy - cutout // 2, cx - cutout // 2
+        dy, dx = ys[None, :, None] - top[:, None, None], xs[None, None, :] - left[:, None, None]
+        inside = (dy >= 0) & (dy < cutout) & (dx >= 0) & (dx < cutout)
         x = x * ~inside[:, None]
     return x
 
@@ -132,10 +134,12 @@ class FFCVLoader:
         return len(self.loader)
 
     def state_dict(self):
-        return {"generator": self.generator.get_state()}
+        # ffcv orders each epoch by seed + its epoch counter: without it a resumed run replays epoch 1's order
+        return {"generator": self.generator.get_state(), "epoch": self.loader.next_epoch}
 
     def load_state_dict(self, state):
         self.generator.set_state(state["generator"])
+        self.loader.next_epoch = state["epoch"]
 
     def sample(self, n):
         """A fixed spread of n normalized, unaugmented images (e.g. to fit the whitening stem)."""
