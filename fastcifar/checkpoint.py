@@ -6,7 +6,7 @@ import torch
 
 from .io import atomic_write_bytes
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: RNG states per device type ({"cpu": ..., "cuda": [...]})
 
 
 class CheckpointError(RuntimeError):

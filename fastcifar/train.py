@@ -2,12 +2,12 @@
 
     python -m fastcifar.train --norm bn --amp --data PATH --out runs/bn
 
-Reads top to bottom: settings, data, model, optimizer, the loop, the artefacts.
+Reads top to bottom: presets, settings, set-up, compile warm-up, one epoch, evaluation and checkpoint,
+artefacts, and train(), which strings them together.
 """
 import argparse
 import contextlib
 import json
-import math
 import os
 import sys
 import time
@@ -18,44 +18,59 @@ import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import CLASSES, DataError, prepare_betons, resolve_source
-from .io import atomic_write_json
 from .data.loaders import LOADERS
 from .device import ConfigError, default_threads, device_name, pick_device, sync
-from .evaluate import TTA, evaluate, per_class_accuracy
+from .evaluate import TTA, evaluate, per_class_accuracy, tta_logits
+from .io import atomic_write_json
 from .models import NORMS, PARAM_BUDGET, count_params, make_model
 from .plots import plot_curves, plot_misclassified
 
 EPOCH_BUDGET = 20
-PRESETS = {
-    "fast": dict(stop_at_target=True),
-    "best": dict(epochs=20, stop_at_target=False),
-}
 # measured (benchmarks/NOTES.md): the shortest schedules whose last epoch reaches 70%
 FAST_EPOCHS = {"bn": 2, "gn": 3, "ln": 3}
+# batch size and peak learning rate per device type. CPU, measured (benchmarks/NOTES.md): batch 128 learns far
+# more per second than 512. CUDA, not yet measured (benchmarks/GPU.md): 512 keeps the device busy, and the
+# learning rate grows with the square root of the batch
+PER_DEVICE = {"batch_size": {"cpu": 128, "cuda": 512}, "lr": {"cpu": 0.2, "cuda": 0.4}}
+PRESETS = {
+    # stops at the target only at its own epoch count (or with --stop-at-target)
+    "fast": dict(epochs=FAST_EPOCHS, stop_at_target=True, **PER_DEVICE),
+    "best": dict(epochs={n: 20 for n in NORMS}, stop_at_target=False, **PER_DEVICE),
+}
 WHITEN_IMAGES = 5_000  # 1.3M patches for the stem's 12x12 covariance: plenty, and a fraction of a second
+# flags that describe this machine, not the experiment: a resumed run takes them from its own command line
+MACHINE_FLAGS = ("device", "threads", "compile", "cuda_graphs", "fused_norm", "quiet", "no_plots", "resume", "out")
+# where the data lives on this machine: a resumed run reuses the saved paths unless given new ones
+DATA_FLAGS = ("data", "beton_dir")
 
 
-def parse_args(argv=None):
+# ---------------------------------------------------------------- settings
+
+def build_parser():
     p = argparse.ArgumentParser(prog="python -m fastcifar.train", description=__doc__.split("\n")[1],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--norm", default="bn", choices=NORMS)
     p.add_argument("--preset", default="fast", choices=sorted(PRESETS),
                    help="fast: short schedule, stop at the target; best: the full 20 epochs")
     p.add_argument("--epochs", type=int, help="epochs (default: best 20; fast bn 2, gn and ln 3)")
-    # measured (benchmarks/NOTES.md): on the CPU, batch 128 learns far more per second than 512
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.2, help="peak learning rate")
+    p.add_argument("--batch-size", type=int, help="default: from the preset, per device (CPU 128, CUDA 512)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: from the preset, CPU 0.2, CUDA 0.4)")
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--amp", action="store_true",
                    help="bf16 autocast (CUDA without bf16: fp16 + grad scaler; a CPU without native bf16: fp32)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile the model (auto: on with CUDA, off on the CPU; a bare --compile: on)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
+                   help="capture the training step in CUDA graphs (torch.compile mode reduce-overhead); "
+                        "CUDA only: refused on the CPU")
     p.add_argument("--fused-norm", default="auto", choices=["auto", "on", "off"],
                    help="Triton GroupNorm+ReLU for gn/ln (auto: where it can run)")
     p.add_argument("--target-acc", type=float, default=0.70)
     p.add_argument("--stop-at-target", action=argparse.BooleanOptionalAction, default=None,
-                   help="stop once test accuracy reaches the target (default: from the preset)")
+                   help="stop once test accuracy reaches the target (default: the fast preset at its own "
+                        "epoch count)")
     p.add_argument("--tta", default="flip-shift", choices=TTA,
                    help="test-time views: the mirror image, and one-pixel shifts (counted as evaluation time)")
     p.add_argument("--cutout", type=int, default=0, help="cutout square size in pixels (0: off)")
@@ -67,22 +82,81 @@ def parse_args(argv=None):
     p.add_argument("--beton-dir", help="where converted betons are cached (default: ~/.cache/fastcifar)")
     p.add_argument("--limit", type=int, help="use only N train and N test images, spread over the classes (smoke tests)")
     p.add_argument("--out", default="runs/latest", help="folder for metrics.json, model.pt and plots")
-    p.add_argument("--resume", metavar="OUT", help="continue the run whose artefacts are in OUT")
+    p.add_argument("--resume", metavar="OUT",
+                   help="continue the run in OUT with its own settings; --epochs may extend it")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def parse_args(argv=None):
+    """The parsed flags, plus `explicit`: the names of those given on the command line. Settings that depend
+    on the device (batch size, learning rate) stay None until resolve_settings."""
+    p = build_parser()
     args = p.parse_args(argv)
-    for k, v in PRESETS[args.preset].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    bare = build_parser()
+    for a in bare._actions:
+        a.default = argparse.SUPPRESS
+    args.explicit = sorted(vars(bare.parse_args(argv)))
+    preset = PRESETS[args.preset]
     if args.epochs is None:
-        args.epochs = FAST_EPOCHS[args.norm]
+        args.epochs = preset["epochs"][args.norm]
+    if args.stop_at_target is None:
+        args.stop_at_target = preset["stop_at_target"] and args.epochs == preset["epochs"][args.norm]
     if args.epochs < 1:
         p.error("--epochs must be at least 1")
-    if args.lr <= 0 or args.batch_size < 1 or args.weight_decay < 0:
+    if (args.lr is not None and args.lr <= 0) or (args.batch_size is not None and args.batch_size < 1) \
+            or args.weight_decay < 0:
         p.error("--lr must be positive, --batch-size at least 1, --weight-decay not negative")
     if not 0 < args.target_acc <= 1:
         p.error("--target-acc is a fraction in (0, 1]")
     return args
+
+
+def resolve_settings(args, device):
+    """Fill the per-device values from the preset; returns where each came from (recorded in metrics.json)."""
+    source = {}
+    for k, per_device in PER_DEVICE.items():
+        if getattr(args, k) is None:
+            setattr(args, k, PRESETS[args.preset][k][device.type])
+            source[k] = f"preset {args.preset} ({device.type})"
+        else:
+            source[k] = "command line" if k in args.explicit else "resumed run"
+    return source
+
+
+def apply_resumed_settings(args, saved):
+    """A resumed run keeps its own settings. A flag given now that contradicts them is refused, except a
+    larger --epochs, which extends the run."""
+    for k, v in saved.items():
+        if k in MACHINE_FLAGS or k == "explicit" or not hasattr(args, k) or (k in DATA_FLAGS and k in args.explicit):
+            continue
+        if k in args.explicit and getattr(args, k) != v:
+            if k == "epochs" and args.epochs > v:
+                continue
+            raise ConfigError(f"--{k.replace('_', '-')} {getattr(args, k)} contradicts the run being resumed "
+                              f"(which has {v}); leave it out to keep the run's own setting")
+        setattr(args, k, v)
+
+
+def compile_settings(compile_flag, cuda_graphs, device):
+    """(compile?, torch.compile mode) for --compile and --cuda-graphs on this device."""
+    if cuda_graphs:
+        if device.type != "cuda":
+            raise ConfigError("--cuda-graphs: CUDA graphs need a CUDA device; leave the flag out on the CPU")
+        if compile_flag == "off":
+            raise ConfigError("--cuda-graphs captures the compiled step: it cannot be used with --compile off")
+        return True, "reduce-overhead"
+    on = compile_flag == "on" or (compile_flag == "auto" and device.type == "cuda")
+    return on, None
+
+
+def configure_backends(device):
+    # fixed input shapes: let cuDNN pick the fastest convolution once; TF32 matmuls keep fp32 range
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def lr_at(step, total, warmup):
@@ -92,14 +166,12 @@ def lr_at(step, total, warmup):
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def make_optimizer(model, args):
+def make_optimizer(model, lr, weight_decay, momentum=0.9):
     # no weight decay on norm affine parameters and biases: it only fights the normalization
     trained = [p for p in model.parameters() if p.requires_grad]  # the whitening stem's filters stay frozen
-    decay = [p for p in trained if p.ndim > 1]
-    no_decay = [p for p in trained if p.ndim <= 1]
-    return torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
-                            {"params": no_decay, "weight_decay": 0.0}],
-                           lr=args.lr, momentum=0.9, nesterov=True)
+    return torch.optim.SGD([{"params": [p for p in trained if p.ndim > 1], "weight_decay": weight_decay},
+                            {"params": [p for p in trained if p.ndim <= 1], "weight_decay": 0.0}],
+                           lr=lr, momentum=momentum, nesterov=True)
 
 
 def cpu_has_native_bf16():
@@ -139,161 +211,164 @@ def resolve_fused(mode, norm, device):
     return ok
 
 
-def train(args):
-    """Run one training job; returns the metrics dict it also writes to OUT/metrics.json."""
-    # ---- settings
-    if args.resume:
+# ---------------------------------------------------------------- set-up
+
+def rng_state(device):
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore(path, device, model, opt, sched, loader):
+    """Load a checkpoint to the CPU and hand each piece to its owner: parameters and optimizer state are
+    copied to the device by load_state_dict, RNG states must stay CPU ByteTensors."""
+    ckpt = load_checkpoint(path, map_location="cpu")
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    loader.load_state_dict(ckpt["loader"])
+    torch.set_rng_state(ckpt["rng"]["cpu"])
+    if device.type == "cuda" and "cuda" in ckpt["rng"]:
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    return ckpt
+
+
+def setup(args):
+    """Device, data, model, optimizer and schedule; on --resume, the run's own settings and state."""
+    ckpt_path = os.path.join(args.resume or args.out, "model.pt")
+    saved = load_checkpoint(ckpt_path) if args.resume else None
+    if saved:
         args.out = args.resume
+        apply_resumed_settings(args, saved["args"])
     os.makedirs(args.out, exist_ok=True)
     device = pick_device(args.device)
+    settings_from = resolve_settings(args, device)
+    compile_on, compile_mode = compile_settings(args.compile, args.cuda_graphs, device)
+    configure_backends(device)
     torch.manual_seed(args.seed)
     fused = resolve_fused(args.fused_norm, args.norm, device)
-    within_budget = args.epochs <= EPOCH_BUDGET
-    if not within_budget:
-        warnings.warn(f"!!! {args.epochs} epochs is over the {EPOCH_BUDGET}-epoch budget: "
-                      "this run is recorded as within_budget=false !!!", stacklevel=2)
 
-    # ---- data: convert once to betons, then batches live on the device
+    # data: convert once to betons, then batches live on the device
     beton_dir, manifest = prepare_betons(resolve_source(args.data), args.beton_dir)
-    Loader = LOADERS[args.loader]
-    train_loader = Loader(f"{beton_dir}/train.beton", args.batch_size, device, train=True, seed=args.seed,
-                          cutout=args.cutout, limit=args.limit)
+    train_loader = LOADERS[args.loader](f"{beton_dir}/train.beton", args.batch_size, device, train=True,
+                                        seed=args.seed, cutout=args.cutout, limit=args.limit)
     test_loader = LOADERS["resident"](f"{beton_dir}/test.beton", 1000, device, train=False, limit=args.limit)
     # after the loaders: ffcv sets torch's thread count when it is imported and when a Loader starts
     torch.set_num_threads(args.threads or default_threads())
 
-    # ---- model
-    model_config = {"norm": args.norm, "fused": fused}
+    model_config = {**(saved["model_config"] if saved else {"norm": args.norm}), "fused": fused}
     model = make_model(**model_config).to(device)
-    params = count_params(model)
-    if params > PARAM_BUDGET:
-        within_budget = False
-        warnings.warn(f"!!! {params} parameters is over the {PARAM_BUDGET} budget !!!", stacklevel=2)
     fit_time = 0.0
-    if not args.resume:  # a resumed run loads the fitted stem from its checkpoint
+    if not saved:  # a resumed run loads the fitted stem from its checkpoint
         t0 = time.perf_counter()
         model.stem.fit(train_loader.sample(WHITEN_IMAGES))
         sync(device)
         fit_time = time.perf_counter() - t0
-    net = torch.compile(model) if args.compile else model
-    amp = amp_effective(device, args.amp)
-    autocast, scaler = autocast_for(device, amp)
-
-    # ---- optimizer and schedule, stepped per batch
-    opt = make_optimizer(model, args)
+    opt = make_optimizer(model, args.lr, args.weight_decay)
     steps_per_epoch = len(train_loader)
     total_steps = args.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total_steps, steps_per_epoch // 2 + 1))
+    amp = amp_effective(device, args.amp)
+    autocast, scaler = autocast_for(device, amp)
+    run = argparse.Namespace(
+        args=args, device=device, manifest=manifest, train_loader=train_loader, test_loader=test_loader,
+        model=model, model_config=model_config, opt=opt, sched=sched, autocast=autocast, scaler=scaler,
+        amp=amp, fused=fused, compile=compile_on, compile_mode=compile_mode, settings_from=settings_from,
+        ckpt_path=ckpt_path, history=[], start_epoch=0, compile_time=0.0, fit_time=fit_time, preds=None)
+    if saved:
+        ckpt = restore(ckpt_path, device, model, opt, sched, train_loader)
+        run.history, run.start_epoch, run.compile_time = ckpt["history"], ckpt["epoch"], ckpt["compile_time_s"]
+        print(f"resuming {args.out} after epoch {run.start_epoch}")
+    # CUDA graphs for the training step; evaluation keeps the default mode (it sums several views' outputs,
+    # which a graph replay would overwrite)
+    run.train_net = torch.compile(model, mode=compile_mode, dynamic=False) if compile_on else model
+    run.eval_net = torch.compile(model, dynamic=False) if compile_mode else run.train_net
+    return run
 
-    history, start_epoch, compile_time, preds = [], 0, 0.0, None
-    ckpt_path = os.path.join(args.out, "model.pt")
-    if args.resume:
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        train_loader.load_state_dict(ckpt["loader"])
-        torch.set_rng_state(ckpt["rng"])
-        history, start_epoch, compile_time = ckpt["history"], ckpt["epoch"], ckpt.get("compile_time_s", 0.0)
-        print(f"resuming {args.out} after epoch {start_epoch}")
 
-    if args.compile and start_epoch < args.epochs:
-        # compile outside the epoch loop so its cost is reported apart (and still counted in time-to-target)
-        t0 = time.perf_counter()
-        saved = {k: v.clone() for k, v in model.state_dict().items()}
-        x, y = next(iter(test_loader))
-        net.train()
-        with autocast():
-            F.cross_entropy(net(x[: args.batch_size]), y[: args.batch_size]).backward()
-        net.eval()
-        with torch.no_grad(), autocast():
-            net(x)
-        model.load_state_dict(saved)
+# ---------------------------------------------------------------- compile warm-up
+
+def warm_up(run):
+    """Compile every graph the run will use before the clock starts: a training step at the training batch
+    shape, and evaluation with its test-time views at each test batch shape. The model and optimizer are
+    left as they were."""
+    args, model = run.args, run.model
+    t0 = time.perf_counter()
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    x = run.train_loader.sample(args.batch_size)
+    y = torch.zeros(len(x), dtype=torch.long, device=run.device)
+    run.train_net.train()
+    with run.autocast():
+        F.cross_entropy(run.train_net(x).float(), y, label_smoothing=args.label_smoothing).backward()
+    run.eval_net.eval()
+    images, seen = run.test_loader, set()
+    with torch.no_grad():
+        for xb, _ in images:
+            if len(xb) not in seen:
+                seen.add(len(xb))
+                with run.autocast():
+                    tta_logits(run.eval_net, xb, args.tta)
+    model.load_state_dict(saved)
+    run.opt.zero_grad(set_to_none=True)
+    sync(run.device)
+    return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------- one epoch
+
+def train_epoch(run, epoch):
+    """One pass over the training data. Returns (loss sum, correct, images seen, first non-finite step or -1),
+    kept on the device: no host sync inside the step loop."""
+    args, net, opt, sched, scaler = run.args, run.train_net, run.opt, run.sched, run.scaler
+    device, steps_per_epoch = run.device, len(run.train_loader)
+    net.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    first_bad = torch.full((), -1, device=device, dtype=torch.long)
+    seen = 0
+    for i, (x, y) in enumerate(progress(run.train_loader, f"epoch {epoch + 1}/{args.epochs}", args.quiet)):
+        if run.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        with run.autocast():
+            logits = net(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
+        if scaler:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
         opt.zero_grad(set_to_none=True)
-        sync(device)
-        compile_time = time.perf_counter() - t0
+        sched.step()
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        bad_now = ~torch.isfinite(loss.detach()) & (first_bad < 0)
+        first_bad = torch.where(bad_now, epoch * steps_per_epoch + i, first_bad)
+        seen += len(y)
+    return loss_sum, correct, seen, first_bad
 
-    metrics = {
-        "norm": args.norm, "params": params, "epochs_run": len(history), "epochs_planned": args.epochs,
-        "within_budget": within_budget, "device": device_name(device), "dataset": manifest["description"],
-        "dataset_images": {s: v["images"] for s, v in manifest["splits"].items()},
-        "loader": args.loader, "amp": amp, "amp_requested": args.amp, "compile": args.compile, "fused_norm": fused,
-        "preset": args.preset, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-        "target_acc": args.target_acc, "tta": args.tta, "torch_threads": torch.get_num_threads(),
-        "compile_time_s": compile_time, "whiten_fit_time_s": fit_time, "status": "running", "history": history,
-    }
 
-    # ---- the loop
-    train_time = history[-1]["train_time_s"] if history else compile_time + fit_time
-    eval_time = sum(h["eval_time_s"] for h in history)
-    for epoch in range(start_epoch, args.epochs):
-        net.train()
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        first_bad = torch.full((), -1, device=device, dtype=torch.long)
-        seen = 0
-        bar = progress(train_loader, f"epoch {epoch + 1}/{args.epochs}", args.quiet)
-        for i, (x, y) in enumerate(bar):
-            with autocast():
-                logits = net(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
-            if scaler:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-            # bookkeeping stays on the device: no host sync inside the step loop
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.argmax(1) == y).sum()
-            bad_now = ~torch.isfinite(loss.detach()) & (first_bad < 0)
-            first_bad = torch.where(bad_now, epoch * steps_per_epoch + i, first_bad)
-            seen += len(y)
-        sync(device)
-        train_time += time.perf_counter() - t0
-        if first_bad.item() >= 0:
-            metrics.update(status="failed", error=f"non-finite loss at step {first_bad.item()} "
-                           f"(epoch {epoch + 1}); the last good checkpoint is kept")
-            atomic_write_json(os.path.join(args.out, "metrics.json"), metrics)
-            raise FloatingPointError(metrics["error"])
+# ---------------------------------------------------------------- evaluation and checkpoint
 
-        t1 = time.perf_counter()
-        test_loss, test_acc, preds = evaluate(net, test_loader, autocast, tta=args.tta)
-        eval_time += time.perf_counter() - t1
-        history.append({"epoch": epoch + 1, "train_loss": (loss_sum / seen).item(),
+def evaluate_and_save(run, epoch, loss_sum, correct, seen, train_time):
+    """Score the test set, append the epoch to the history, checkpoint, and return the history entry."""
+    args = run.args
+    t1 = time.perf_counter()
+    test_loss, test_acc, run.preds = evaluate(run.eval_net, run.test_loader, run.autocast, tta=args.tta)
+    run.history.append({"epoch": epoch + 1, "train_loss": (loss_sum / seen).item(),
                         "train_acc": (correct / seen).item(), "test_loss": test_loss, "test_acc": test_acc,
                         "train_time_s": train_time, "eval_time_s": time.perf_counter() - t1})
-        h = history[-1]
-        print(f"epoch {epoch + 1:2d}  train loss {h['train_loss']:.3f} acc {100 * h['train_acc']:.2f}%  "
-              f"test loss {test_loss:.3f} acc {100 * test_acc:.2f}%  train time {train_time:.1f}s", flush=True)
-        save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "model_config": model_config, "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "loader": train_loader.state_dict(), "rng": torch.get_rng_state(),
-            "epoch": epoch + 1, "history": history, "compile_time_s": compile_time, "args": vars(args)})
-        summarize(metrics, history, args.target_acc, eval_time)
-        atomic_write_json(os.path.join(args.out, "metrics.json"), metrics)
-        if args.stop_at_target and test_acc >= args.target_acc:
-            break
-
-    # ---- artefacts
-    metrics["status"] = "done"
-    if history and not args.no_plots:
-        if preds is None:  # resumed after the last epoch: nothing was evaluated in this process
-            _, _, preds = evaluate(net, test_loader, autocast, tta=args.tta)
-        plot_curves(history, os.path.join(args.out, "curves.png"), args.target_acc,
-                    f"{args.norm}, {params} params, {device_name(device)}")
-        labels = test_loader.labels.cpu().numpy()
-        preds = preds.cpu().numpy()
-        metrics["per_class_acc"] = per_class_accuracy(labels, preds)
-        images = test_loader.images.permute(0, 2, 3, 1).cpu().numpy()
-        plot_misclassified(images, labels, preds, CLASSES, os.path.join(args.out, "misclassified.png"))
-    summarize(metrics, history, args.target_acc, eval_time)
-    atomic_write_json(os.path.join(args.out, "metrics.json"), metrics)
-    return metrics
+    h = run.history[-1]
+    print(f"epoch {epoch + 1:2d}  train loss {h['train_loss']:.3f} acc {100 * h['train_acc']:.2f}%  "
+          f"test loss {test_loss:.3f} acc {100 * test_acc:.2f}%  train time {train_time:.1f}s", flush=True)
+    save_checkpoint(run.ckpt_path, {
+        "model": run.model.state_dict(), "model_config": run.model_config, "optimizer": run.opt.state_dict(),
+        "scheduler": run.sched.state_dict(), "loader": run.train_loader.state_dict(),
+        "rng": rng_state(run.device), "epoch": epoch + 1, "history": run.history,
+        "compile_time_s": run.compile_time, "args": {k: v for k, v in vars(args).items() if k != "explicit"}})
+    return h
 
 
 def summarize(metrics, history, target, eval_time):
@@ -303,6 +378,77 @@ def summarize(metrics, history, target, eval_time):
         time_to_target_s=hit["train_time_s"] if hit else None, epochs_to_target=hit["epoch"] if hit else None,
         final_test_acc=history[-1]["test_acc"] if history else None,
         best_test_acc=max((h["test_acc"] for h in history), default=None))
+
+
+# ---------------------------------------------------------------- artefacts
+
+def write_artefacts(run, metrics):
+    args, history = run.args, run.history
+    if history and not args.no_plots:
+        if run.preds is None:  # resumed after the last epoch: nothing was evaluated in this process
+            _, _, run.preds = evaluate(run.eval_net, run.test_loader, run.autocast, tta=args.tta)
+        plot_curves(history, os.path.join(args.out, "curves.png"), args.target_acc,
+                    f"{args.norm}, {metrics['params']} params, {device_name(run.device)}")
+        labels, preds = run.test_loader.labels.cpu().numpy(), run.preds.cpu().numpy()
+        metrics["per_class_acc"] = per_class_accuracy(labels, preds)
+        images = run.test_loader.images.permute(0, 2, 3, 1).cpu().numpy()
+        plot_misclassified(images, labels, preds, CLASSES, os.path.join(args.out, "misclassified.png"))
+
+
+# ---------------------------------------------------------------- the run
+
+def train(args):
+    """Run one training job; returns the metrics dict it also writes to OUT/metrics.json."""
+    run = setup(args)
+    args, model = run.args, run.model
+    metrics_path = os.path.join(args.out, "metrics.json")
+    within_budget = args.epochs <= EPOCH_BUDGET
+    if not within_budget:
+        warnings.warn(f"!!! {args.epochs} epochs is over the {EPOCH_BUDGET}-epoch budget: "
+                      "this run is recorded as within_budget=false !!!", stacklevel=2)
+    params = count_params(model)
+    if params > PARAM_BUDGET:
+        within_budget = False
+        warnings.warn(f"!!! {params} parameters is over the {PARAM_BUDGET} budget !!!", stacklevel=2)
+    if run.compile and run.start_epoch < args.epochs:
+        # compiled outside the epoch loop so its cost is reported apart (and still counted in time-to-target)
+        run.compile_time = warm_up(run)
+
+    metrics = {
+        "norm": args.norm, "params": params, "epochs_run": len(run.history), "epochs_planned": args.epochs,
+        "within_budget": within_budget, "device": device_name(run.device), "dataset": run.manifest["description"],
+        "dataset_images": {s: v["images"] for s, v in run.manifest["splits"].items()},
+        "loader": args.loader, "amp": run.amp, "amp_requested": args.amp, "compile": run.compile,
+        "compile_requested": args.compile, "cuda_graphs": args.cuda_graphs, "fused_norm": run.fused,
+        "preset": args.preset, "batch_size": args.batch_size, "lr": args.lr, "settings_from": run.settings_from,
+        "seed": args.seed, "target_acc": args.target_acc, "stop_at_target": args.stop_at_target, "tta": args.tta,
+        "torch_threads": torch.get_num_threads(), "compile_time_s": run.compile_time,
+        "whiten_fit_time_s": run.fit_time, "status": "running", "history": run.history,
+    }
+    train_time = run.history[-1]["train_time_s"] if run.history else run.compile_time + run.fit_time
+    eval_time = sum(h["eval_time_s"] for h in run.history)
+    for epoch in range(run.start_epoch, args.epochs):
+        t0 = time.perf_counter()
+        loss_sum, correct, seen, first_bad = train_epoch(run, epoch)
+        sync(run.device)
+        train_time += time.perf_counter() - t0
+        if first_bad.item() >= 0:
+            metrics.update(status="failed", error=f"non-finite loss at step {first_bad.item()} "
+                           f"(epoch {epoch + 1}); the last good checkpoint is kept")
+            atomic_write_json(metrics_path, metrics)
+            raise FloatingPointError(metrics["error"])
+        h = evaluate_and_save(run, epoch, loss_sum, correct, seen, train_time)
+        eval_time += h["eval_time_s"]
+        summarize(metrics, run.history, args.target_acc, eval_time)
+        atomic_write_json(metrics_path, metrics)
+        if args.stop_at_target and h["test_acc"] >= args.target_acc:
+            break
+
+    metrics["status"] = "done"
+    write_artefacts(run, metrics)
+    summarize(metrics, run.history, args.target_acc, eval_time)
+    atomic_write_json(metrics_path, metrics)
+    return metrics
 
 
 def progress(iterable, desc, quiet):
