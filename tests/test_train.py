@@ -244,3 +244,131 @@ def test_tta_views_and_their_shifts():
     assert torch.equal(seen[1], x.flip(3)) and torch.equal(seen[3], shifted(x.flip(3), 1))
     with pytest.raises(ValueError, match="unknown tta"):
         tta_logits(model, x, "rotate")
+
+
+# ---------------------------------------------------------------- epochs, device-aware defaults, compile
+
+def test_explicit_epochs_run_them_all(tmp_path, small_source):
+    p = train_mod.parse_args
+    assert p(["--norm", "gn"]).stop_at_target is True  # the fast preset at its own epoch count
+    assert p(["--norm", "gn", "--epochs", "3"]).stop_at_target is True
+    assert p(["--norm", "gn", "--epochs", "4"]).stop_at_target is False
+    assert p(["--epochs", "4", "--stop-at-target"]).stop_at_target is True
+    assert p(["--preset", "best"]).stop_at_target is False
+    m, _ = run(tmp_path, small_source, "--epochs", "3", "--target-acc", "0.01", "--limit", "64", "--no-plots")
+    assert m["epochs_run"] == 3 and m["epochs_to_target"] == 1
+
+
+def test_per_device_batch_size_and_lr_and_where_they_came_from():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object: no GPU needed
+    for dev, want in ((cpu, (128, 0.2)), (cuda, (512, 0.4))):
+        args = train_mod.parse_args([])
+        src = train_mod.resolve_settings(args, dev)
+        assert (args.batch_size, args.lr) == want
+        assert src == {"batch_size": f"preset fast ({dev.type})", "lr": f"preset fast ({dev.type})"}
+    args = train_mod.parse_args(["--batch-size", "64"])
+    assert train_mod.resolve_settings(args, cuda)["batch_size"] == "command line" and args.batch_size == 64
+
+
+def test_compile_and_cuda_graph_settings_per_device():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    cs = train_mod.compile_settings
+    assert cs("auto", False, cpu) == (False, None) and cs("auto", False, cuda) == (True, None)
+    assert cs("on", False, cpu) == (True, None) and cs("off", False, cuda) == (False, None)
+    assert cs("auto", True, cuda) == (True, "reduce-overhead") and cs("on", True, cuda) == (True, "reduce-overhead")
+    with pytest.raises(ConfigError, match="--cuda-graphs: CUDA graphs need a CUDA device"):
+        cs("auto", True, cpu)
+    with pytest.raises(ConfigError, match="cannot be used with --compile off"):
+        cs("off", True, cuda)
+    assert train_mod.parse_args(["--compile"]).compile == "on" and train_mod.parse_args([]).compile == "auto"
+    assert train_mod.parse_args(["--cuda-graphs"]).cuda_graphs and not train_mod.parse_args([]).cuda_graphs
+
+
+def test_cuda_backends_are_tuned_only_on_cuda(monkeypatch):
+    b = torch.backends
+    for k, v in (("benchmark", False), ("allow_tf32", False)):
+        monkeypatch.setattr(b.cudnn, k, v)
+    monkeypatch.setattr(b.cuda.matmul, "allow_tf32", False)
+    train_mod.configure_backends(torch.device("cpu"))
+    assert not (b.cudnn.benchmark or b.cuda.matmul.allow_tf32)
+    train_mod.configure_backends(torch.device("cuda"))
+    assert b.cudnn.benchmark and b.cuda.matmul.allow_tf32 and b.cudnn.allow_tf32
+
+
+def test_cuda_graphs_on_the_cpu_is_one_line_error(tmp_path):
+    r = cli("--cuda-graphs", "--device", "cpu", "--out", str(tmp_path / "o"))
+    assert r.returncode == 1 and r.stderr.strip() == \
+        "error: --cuda-graphs: CUDA graphs need a CUDA device; leave the flag out on the CPU"
+
+
+def test_metrics_record_effective_settings(tmp_path, small_source):
+    m, _ = run(tmp_path, small_source, "--epochs", "1", "--limit", "64", "--no-plots")
+    assert (m["compile"], m["compile_requested"], m["cuda_graphs"]) == (False, "auto", False)
+    assert (m["batch_size"], m["lr"]) == (32, 0.2)
+    assert m["settings_from"] == {"batch_size": "command line", "lr": "preset fast (cpu)"}
+
+
+def test_compile_warm_up_covers_every_graph(tmp_path, small_source, monkeypatch):
+    """After the warm-up nothing compiles again: not the test-time views, not a training batch (here 150)
+    larger than the test batch (100)."""
+    graphs, phase = [], {"now": "warm-up"}
+
+    def counting(gm, example_inputs):
+        graphs.append(phase["now"])
+        return gm.forward
+    real_compile, real_warm = torch.compile, train_mod.warm_up
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend=counting, dynamic=False))
+
+    def warm_up(run):
+        t = real_warm(run)
+        phase["now"] = "training"
+        return t
+    monkeypatch.setattr(train_mod, "warm_up", warm_up)
+    torch._dynamo.reset()
+    m, _ = run(tmp_path, small_source, "--compile", "--epochs", "2", "--batch-size", "150", "--preset", "best",
+               "--tta", "flip-shift")
+    assert m["compile"] is True and m["compile_time_s"] > 0 and m["epochs_run"] == 2
+    assert "warm-up" in graphs and "training" not in graphs, graphs
+
+
+@pytest.mark.slow
+def test_compile_with_inductor_trains(tmp_path, small_source):
+    torch._dynamo.reset()
+    m, _ = run(tmp_path, small_source, "--compile", "on", "--epochs", "1", "--limit", "64", "--no-plots",
+               "--tta", "off")
+    ref, _ = run(tmp_path, small_source, "--compile", "off", "--epochs", "1", "--limit", "64", "--no-plots",
+                 "--tta", "off", out="ref")
+    assert m["compile"] is True and m["compile_time_s"] > 0
+    assert m["history"][0]["train_loss"] == pytest.approx(ref["history"][0]["train_loss"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_fused_norm_on_end_to_end_under_the_interpreter(tmp_path, small_source):
+    r = cli("--norm", "gn", "--fused-norm", "on", "--data", small_source, "--out", str(tmp_path / "o"),
+            "--epochs", "1", "--limit", "32", "--batch-size", "16", "--quiet", "--no-plots", "--device", "cpu",
+            "--tta", "off", env={"TRITON_INTERPRET": "1", "FASTCIFAR_CACHE": str(tmp_path / "c")})
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.load(open(tmp_path / "o" / "metrics.json"))
+    assert m["fused_norm"] is True and m["status"] == "done" and np.isfinite(m["history"][0]["train_loss"])
+
+
+def test_fused_norm_on_where_the_kernel_cannot_run_is_one_line_error(tmp_path, small_source, monkeypatch):
+    import fastcifar_kernels
+    monkeypatch.setattr(fastcifar_kernels, "fused_available", lambda device=None: False)
+    with pytest.raises(ConfigError, match="--fused-norm on: the Triton kernel cannot run here"):
+        train_mod.resolve_fused("on", "gn", torch.device("cpu"))
+    assert train_mod.resolve_fused("auto", "gn", torch.device("cpu")) is False
+
+
+@pytest.mark.skipif(not train_mod.cpu_has_native_bf16(), reason="this CPU has no native bf16 (AVX512-BF16 or AMX)")
+def test_amp_trains_in_bf16_on_a_cpu_with_native_bf16(tmp_path, small_source, monkeypatch):
+    dtypes = []
+    real_fwd = make_model("bn").__class__.forward
+
+    def fwd(self, x):
+        out = real_fwd(self, x)
+        dtypes.append(out.dtype)
+        return out
+    monkeypatch.setattr(make_model("bn").__class__, "forward", fwd)
+    m, _ = run(tmp_path, small_source, "--amp", "--epochs", "1", "--limit", "64", "--no-plots")
+    assert m["amp"] is True and set(dtypes) == {torch.bfloat16} and np.isfinite(m["history"][0]["train_loss"])
