@@ -1,5 +1,4 @@
 import os
-import tarfile
 
 import numpy as np
 import pytest
