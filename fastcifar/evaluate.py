@@ -75,7 +75,8 @@ def main(argv=None):
     try:
         device = pick_device(args.device)
         ckpt = load_checkpoint(args.checkpoint)
-        model = make_model(**ckpt["model_config"]).to(device)
+        # the torch norm path: the same function as the fused kernel, and it runs on any device
+        model = make_model(**{**ckpt["model_config"], "fused": False}).to(device)
         model.load_state_dict(ckpt["model"])
         folder, manifest = prepare_betons(resolve_source(args.data), args.beton_dir)
         loader = ResidentLoader(f"{folder}/test.beton", args.batch_size, device, train=False)

@@ -237,7 +237,7 @@ def restore(path, device, model, opt, sched, loader):
 def setup(args):
     """Device, data, model, optimizer and schedule; on --resume, the run's own settings and state."""
     ckpt_path = os.path.join(args.resume or args.out, "model.pt")
-    saved = load_checkpoint(ckpt_path) if args.resume else None
+    saved = load_checkpoint(ckpt_path) if args.resume else None  # its settings now, its state once built
     if saved:
         args.out = args.resume
         apply_resumed_settings(args, saved["args"])
@@ -302,11 +302,11 @@ def warm_up(run):
     with run.autocast():
         F.cross_entropy(run.train_net(x).float(), y, label_smoothing=args.label_smoothing).backward()
     run.eval_net.eval()
-    images, seen = run.test_loader, set()
+    sizes = set()
     with torch.no_grad():
-        for xb, _ in images:
-            if len(xb) not in seen:
-                seen.add(len(xb))
+        for xb, _ in run.test_loader:  # a full test batch, and the last, shorter one
+            if len(xb) not in sizes:
+                sizes.add(len(xb))
                 with run.autocast():
                     tta_logits(run.eval_net, xb, args.tta)
     model.load_state_dict(saved)
