@@ -63,8 +63,8 @@ def build_parser():
     p.add_argument("--compile", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
                    help="torch.compile the model (auto: on with CUDA, off on the CPU; a bare --compile: on)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
-                   help="capture the training step in CUDA graphs (torch.compile mode reduce-overhead); "
-                        "CUDA only: refused on the CPU")
+                   help="capture the training step in CUDA graphs (torch.compile mode reduce-overhead, so not "
+                        "with --compile off); CUDA only: refused on the CPU")
     p.add_argument("--fused-norm", default="auto", choices=["auto", "on", "off"],
                    help="Triton GroupNorm+ReLU for gn/ln (auto: where it can run)")
     p.add_argument("--target-acc", type=float, default=0.70)
@@ -110,6 +110,8 @@ def parse_args(argv=None):
         p.error("--lr must be positive, --batch-size at least 1, --weight-decay not negative")
     if not 0 < args.target_acc <= 1:
         p.error("--target-acc is a fraction in (0, 1]")
+    if args.cuda_graphs and args.compile == "off":
+        p.error("--cuda-graphs captures the compiled step: it cannot be used with --compile off")
     return args
 
 
@@ -141,11 +143,9 @@ def apply_resumed_settings(args, saved):
 
 def compile_settings(compile_flag, cuda_graphs, device):
     """(compile?, torch.compile mode) for --compile and --cuda-graphs on this device."""
-    if cuda_graphs:
+    if cuda_graphs:  # parse_args refuses it with --compile off
         if device.type != "cuda":
             raise ConfigError("--cuda-graphs: CUDA graphs need a CUDA device; leave the flag out on the CPU")
-        if compile_flag == "off":
-            raise ConfigError("--cuda-graphs captures the compiled step: it cannot be used with --compile off")
         return True, "reduce-overhead"
     on = compile_flag == "on" or (compile_flag == "auto" and device.type == "cuda")
     return on, None
