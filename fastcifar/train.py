@@ -118,7 +118,7 @@ def parse_args(argv=None):
 def resolve_settings(args, device):
     """Fill the per-device values from the preset; returns where each came from (recorded in metrics.json)."""
     source = {}
-    for k, per_device in PER_DEVICE.items():
+    for k in PER_DEVICE:
         if getattr(args, k) is None:
             setattr(args, k, PRESETS[args.preset][k][device.type])
             source[k] = f"preset {args.preset} ({device.type})"
