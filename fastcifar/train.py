@@ -243,6 +243,9 @@ def setup(args):
         apply_resumed_settings(args, saved["args"])
     os.makedirs(args.out, exist_ok=True)
     device = pick_device(args.device)
+    if saved and saved["device"] != device.type:  # a CPU and a CUDA generator do not share a state format
+        raise ConfigError(f"--resume {args.out}: the run trained on {saved['device']}, this process would use "
+                          f"{device.type}; resume it with --device {saved['device']}")
     settings_from = resolve_settings(args, device)
     compile_on, compile_mode = compile_settings(args.compile, args.cuda_graphs, device)
     configure_backends(device)
@@ -366,7 +369,7 @@ def evaluate_and_save(run, epoch, loss_sum, correct, seen, train_time):
     save_checkpoint(run.ckpt_path, {
         "model": run.model.state_dict(), "model_config": run.model_config, "optimizer": run.opt.state_dict(),
         "scheduler": run.sched.state_dict(), "loader": run.train_loader.state_dict(),
-        "rng": rng_state(run.device), "epoch": epoch + 1, "history": run.history,
+        "rng": rng_state(run.device), "device": run.device.type, "epoch": epoch + 1, "history": run.history,
         "compile_time_s": run.compile_time, "args": {k: v for k, v in vars(args).items() if k != "explicit"}})
     return h
 

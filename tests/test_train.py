@@ -143,6 +143,13 @@ def test_resume_keeps_the_runs_settings_and_refuses_contradictions(tmp_path, sma
     # a larger --epochs extends the finished run
     m = resume(part, "--epochs", "3")
     assert [h["epoch"] for h in m["history"]] == [1, 2, 3] and m["epochs_planned"] == 3
+    # on another device type the loader's and torch's RNG states would not fit
+    from fastcifar.checkpoint import save_checkpoint
+    ckpt = load_checkpoint(os.path.join(part, "model.pt"))
+    save_checkpoint(os.path.join(part, "model.pt"), {**ckpt, "device": "cuda"})
+    with pytest.raises(ConfigError, match="the run trained on cuda, this process would use cpu; resume it with "
+                                          "--device cuda"):
+        resume(part, "--epochs", "4")
 
 
 def test_resume_loads_to_the_cpu_and_restores_cpu_rng_states(tmp_path, small_source, monkeypatch):
