@@ -168,6 +168,7 @@ def run_child(kind, spec, out, name, timeout):
     """Run a --child process on spec; (its result JSON or None, returncode, seconds, log path)."""
     spec = dict(spec, result=os.path.join(out, "logs", f"{name}.result.json"))
     spec_path = os.path.join(out, "logs", f"{name}.spec.json")
+    os.makedirs(os.path.dirname(spec_path), exist_ok=True)
     atomic_write_json(spec_path, spec)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(spec["result"])  # a result left by an earlier report must not pass for this one's
@@ -553,8 +554,9 @@ def parse_args(argv=None):
     p.add_argument("--kernel-dtypes", nargs="+", choices=sorted(KERNEL_TOL), default=["fp32", "bf16"])
     p.add_argument("--kernel-formats", nargs="+", choices=["nchw", "cl"], default=["nchw", "cl"])
     p.add_argument("--norm", nargs="+", choices=NORMS, default=list(NORMS), help="time_to_target norms (default all)")
-    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
-                   help="time_to_target configurations (default all; fused ones run for gn and ln only)")
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), metavar="NAME",
+                   help=f"time_to_target configurations: {', '.join(CONFIGS)} (default all; the fused ones run "
+                        "for gn and ln only)")
     p.add_argument("--seeds", type=int, help="seeds per configuration (default 3; 1 with --cpu-smoke)")
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--target", type=float, default=0.70, help="test accuracy to reach (default 0.70)")

@@ -265,7 +265,7 @@ def test_cpu_smoke_trains_in_child_processes(small_source, tmp_path, monkeypatch
     monkeypatch.setitem(G.TRAIN_FLAGS, "graphs", {False: [], True: []})
     out = tmp_path / "r"
     rc = G.main(["--out", str(out), "--parts", "time_to_target", "--cpu-smoke", "--data", small_source,
-                 "--beton-dir", str(tmp_path / "b"), "--norm", "bn", "--configs", "eager", "compile", "--limit", "60",
+                 "--beton-dir", str(tmp_path / "b"), "--norm", "bn", "--configs", "eager", "compile", "--limit", "200",
                  "--target", "0.01", "--no-amp"])
     rep, md = load(out)
     p = rep["parts"]["time_to_target"]
@@ -274,7 +274,7 @@ def test_cpu_smoke_trains_in_child_processes(small_source, tmp_path, monkeypatch
     assert c["config"] == "eager" and c["warmup"]["status"] in ("reached", "not_reached")
     assert c["runs"][0]["status"] == "reached" and c["runs"][0]["epochs_run"] == 1
     assert os.path.isfile(out / "time_to_target" / "bn-eager" / "s0" / "metrics.json")
-    assert rep["dataset"]["images_used"]["train"] == 60 and "| bn | eager |" in md
+    assert rep["dataset"]["images_used"]["train"] == 200 and "| bn | eager |" in md
 
 
 # ---------------------------------------------------------------- the kernel timing, on the CPU's interpreter
