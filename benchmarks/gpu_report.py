@@ -146,7 +146,8 @@ def run_logged(cmd, log_path, timeout):
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
         try:
-            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
     return rc, time.perf_counter() - t0
@@ -233,7 +234,8 @@ def time_kernel_config(fk, shape, dtype_name, fmt_name, modes, impls, device, be
     bs = (0.05 * torch.randn(c, device=device)).to(dtype)
     if not fk.fused_available(x):  # group_norm_relu would quietly time the torch path as "fused"
         raise RuntimeError(f"the fused kernel cannot run on {device} {dtype_name} here (fused_available is False)")
-    fns = {"eager": lambda x, w, b: eager_pair(x, g, w, b), "fused": lambda x, w, b: fk.group_norm_relu(x, g, w, b, EPS)}
+    fns = {"eager": lambda x, w, b: eager_pair(x, g, w, b),
+           "fused": lambda x, w, b: fk.group_norm_relu(x, g, w, b, EPS)}
     if "compile" in impls:
         torch._dynamo.reset()  # a fresh compile per shape: no recompile limit to run into
         fns["compile"] = torch.compile(fns["eager"], dynamic=False)
@@ -300,10 +302,11 @@ def part_kernels(args, ctx):
     rec = dict(spec, log=log, returncode=rc, wall_s=secs, **(res or {}))
     if res is None:
         return dict(rec, status="failed", reason=crash_note(rc, log, args.timeout))
-    bad = [c for c in res["configs"] if not c["check"]["ok"]]
-    problems = [f"{len(res['errors'])} shape(s) raised"] * bool(res["errors"]) + \
-               [f"{len(bad)} shape(s) disagree with eager"] * bool(bad) + \
-               [f"the process {crash_note(rc, log, args.timeout)}"] * (rc != 0)
+    bad = sum(not c["check"]["ok"] for c in res["configs"])
+    problems = [f"{len(res['errors'])} shape(s) raised" if res["errors"] else "",
+                f"{bad} shape(s) disagree with fp32 eager" if bad else "",
+                f"the process {crash_note(rc, log, args.timeout)}" if rc != 0 else ""]
+    problems = [p for p in problems if p]
     if problems:
         return dict(rec, status="failed", reason="; ".join(problems))
     return dict(rec, status="ok", reason=f"{len(res['configs'])} shapes timed, all agree with fp32 eager")
@@ -321,7 +324,7 @@ def train_argvs(args, norm, config, seeds, beton_dir, out, device):
     runs = {s: train_argv(ns, norm, s, beton_dir, os.path.join(out, f"s{s}"), device) + config_flags(config)
             for s in seeds}
     ns.epochs, ns.limit = 1, min(WARMUP_IMAGES, args.limit or WARMUP_IMAGES)
-    compile_, fused, _ = CONFIGS[config]
+    fused = CONFIGS[config][1]
     warm = train_argv(ns, norm, seeds[0], beton_dir, os.path.join(out, "warmup"), device) + \
         TRAIN_FLAGS["compile"][False] + TRAIN_FLAGS["fused"][fused] + TRAIN_FLAGS["graphs"][False]
     return runs, warm
@@ -363,9 +366,11 @@ def part_time_to_target(args, ctx):
     from fastcifar.data import prepare_betons, resolve_source
     if ctx.cuda:
         device, names, seeds = torch.device("cuda"), args.configs, args.seeds or 3
-    elif args.cpu_smoke:  # eager only: compiling costs minutes on a CPU, and graphs need CUDA
+    elif args.cpu_smoke:  # no compile (minutes on a CPU), no graphs (CUDA only), fused only under the interpreter
         device, seeds = torch.device("cpu"), args.seeds or 1
-        names = [c for c in args.configs if not CONFIGS[c][0] and not CONFIGS[c][2]]
+        interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+        names = [c for c, (comp, fused, graphs) in CONFIGS.items()
+                 if c in args.configs and not comp and not graphs and (interpret or not fused)]
         args.epochs, args.limit = args.epochs or 1, args.limit or 512
     else:
         return {"status": "skipped", "reason": "no CUDA device (--cpu-smoke runs a tiny eager run on the CPU)"}
@@ -393,7 +398,8 @@ def part_time_to_target(args, ctx):
                 if s is None or len(res["runs"]) < len(seeds):
                     cfg.update(status="failed", reason=crash_note(rc, log, args.timeout))
                 elif s["reached"] < s["runs"]:
-                    cfg.update(status="failed", reason="; ".join(f"seed {e['seed']}: {e['error']}" for e in s["errors"]))
+                    cfg.update(status="failed",
+                               reason="; ".join(f"seed {e['seed']}: {e['error']}" for e in s["errors"]))
                 else:
                     cfg.update(status="ok", reason="")
             print(f"  {norm} {name}: {cfg['status']} {cfg['reason']}", flush=True)
@@ -496,7 +502,8 @@ def render_markdown(report):
              f"triton {env['triton']}, ffcv {env['ffcv']}, python {env['python']}"
              + (f"; {env.get('gpu_capability')}, {env.get('gpu_memory_gib')} GiB, driver {env.get('driver')}"
                 if report["cuda"] else ""),
-             f"- Code: git {env.get('git_commit') or 'unknown'}" + (" (with uncommitted changes)" if env.get("git_dirty") else ""),
+             f"- Code: git {env.get('git_commit') or 'unknown'}"
+             + (" (with uncommitted changes)" if env.get("git_dirty") else ""),
              f"- Dataset: {dataset_line(ds) if ds else 'not used (time_to_target did not run)'}",
              f"- State: {report['state']}", "",
              markdown_table(["part", "status", "what happened"],
@@ -567,7 +574,8 @@ def parse_args(argv=None):
     p.add_argument("--train-args", default="", metavar="'ARGS'",
                    help="more flags for every training run, as --train-args='--batch-size 512' (with '=')")
     p.add_argument("--cpu-smoke", action="store_true",
-                   help="without CUDA, run time_to_target's eager configurations tiny on the CPU instead of skipping")
+                   help="without CUDA, run time_to_target tiny on the CPU instead of skipping: eager and unfused "
+                        "(fused too when TRITON_INTERPRET=1 is set)")
     args = p.parse_args(argv)
     if args.data and not os.path.exists(args.data):
         p.error(f"--data {args.data}: no such file or folder")
@@ -576,6 +584,9 @@ def parse_args(argv=None):
         p.error("--kernel-batch, --timeout, --seeds, --epochs and --limit must be at least 1")
     if not 0 < args.target <= 1:
         p.error("--target is a fraction in (0, 1]")
+    # children run from the repository root: paths must not depend on the caller's folder
+    args.test_paths = [os.path.abspath(t) for t in args.test_paths or []] or None
+    args.data, args.beton_dir = (os.path.abspath(x) if x else x for x in (args.data, args.beton_dir))
     args.parts = [x for x in PARTS if x in args.parts]
     args.norm, args.configs = list(dict.fromkeys(args.norm)), list(dict.fromkeys(args.configs))
     return args
@@ -595,8 +606,8 @@ def main(argv=None):
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     cuda = torch.cuda.is_available()
-    report = {"benchmark": "gpu_report", "state": "running", "cuda": cuda, "environment": environment_record(cuda, argv),
-              "dataset": None, "settings": {k: v for k, v in vars(args).items()}, "parts": {}}
+    report = {"benchmark": "gpu_report", "state": "running", "cuda": cuda,
+              "environment": environment_record(cuda, argv), "dataset": None, "settings": dict(vars(args)), "parts": {}}
     ctx = Context(out, cuda, report)
     print(f"{PROG}: {machine_line(report['environment'])}" + ("" if cuda else "; no CUDA device"), flush=True)
     for name in PARTS:

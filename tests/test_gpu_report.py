@@ -107,7 +107,8 @@ def test_failed_tests_fail_the_part(tmp_path, monkeypatch):
 
 def test_pytest_that_writes_no_junit_is_a_failure(tmp_path, monkeypatch):
     monkeypatch.setattr(G, "run_logged", lambda cmd, log, timeout: ("timeout", 9.0))
-    rec = G.part_tests(G.parse_args(["--out", str(tmp_path), "--test-paths", "x.py"]), G.Context(str(tmp_path), True, {}))
+    args = G.parse_args(["--out", str(tmp_path), "--test-paths", "x.py"])
+    rec = G.part_tests(args, G.Context(str(tmp_path), True, {}))
     assert rec["status"] == "failed" and "timeout" in rec["reason"]
 
 
