@@ -123,7 +123,7 @@ def test_failed_and_unreached_runs_report_failures_not_times(betons, tmp_path, m
         assert s["time_to_target_s"] == {"median": None, "min": None, "max": None}
         assert s["epochs_to_target"]["median"] is None
     # the unreached run still finished training: its accuracies count, its time does not
-    assert bn["final_test_acc"]["n"] == 1 and gn["final_test_acc"] == {"mean": None, "std": None, "n": 0}
+    assert bn["final_test_acc"]["n"] == 1 and gn["final_test_acc"] == {"mean": None, "std": None, "min": None, "n": 0}
     run = {r["norm"]: r for r in res["runs"]}
     assert run["gn"]["status"] == "failed" and run["gn"]["error"] == "RuntimeError: simulated crash"
     assert run["bn"]["status"] == "not_reached" and run["bn"]["time_to_target_s"] is None
