@@ -81,7 +81,8 @@ def run(jobs, fn, *, cpus, gpus, timed, warmup=None, on_result=None, poll_s=1.0)
     """Run every job (a dict: "args" for fn, "record" to report it by on failure); returns their records in
     job order. on_result(i, record) is called as each finishes. fn(*args) returns the record dict."""
     ray = import_ray()
-    remote = ray.remote(_call).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
+    remote = ray.remote(_call)
+    resources = {"num_cpus": cpus, "num_gpus": gpus, "max_retries": 0}
     results = [None] * len(jobs)
 
     def finish(i, ref):
@@ -105,15 +106,15 @@ def run(jobs, fn, *, cpus, gpus, timed, warmup=None, on_result=None, poll_s=1.0)
         if not free:
             sys.exit(f"error: no Ray node has {cpus} CPU(s) and {gpus} GPU(s) for one run")
     else:
-        pending = {remote.remote(fn, jobs[i]["args"], warmup): (i, None) for i in todo}
+        pending = {remote.options(**resources).remote(fn, jobs[i]["args"], warmup): (i, None) for i in todo}
         todo = []
     try:
         while todo or pending:
             while todo and free:
                 node = free.pop(0)
                 strategy = NodeAffinitySchedulingStrategy(node, soft=False)
-                pending[remote.options(scheduling_strategy=strategy).remote(fn, jobs[todo[0]]["args"], warmup)] = \
-                    (todo.pop(0), node)
+                ref = remote.options(**resources, scheduling_strategy=strategy).remote(fn, jobs[todo[0]]["args"], warmup)
+                pending[ref] = (todo.pop(0), node)
             if todo and not pending:  # every machine that could hold a run is gone
                 for i in todo:
                     results[i] = failure(jobs[i], "not run: no Ray node left that can hold a run")

@@ -573,6 +573,8 @@ def main(argv=None):
     except DataError as e:
         sys.exit(f"error: {e}")
     set_all_threads(args.threads)  # ffcv's import dropped torch to one thread; training sets all of them again
+    if args.executor == "ray":
+        args.cpus_per_run, args.gpus_per_run = ray_resources(args, device)
     jobs = plan_jobs(args, beton_dir, device)
     for job in jobs:  # a bad --train-args or --grid stops here, before an hour of runs, not after
         T.parse_args(job["args"][2])
@@ -637,7 +639,7 @@ def run_local(args, jobs, beton_dir, device, report):
 
 def run_ray(args, device, jobs, beton_dir, report):
     from . import ray_executor as RX
-    cpus, gpus = ray_resources(args, device)
+    cpus, gpus = args.cpus_per_run, args.gpus_per_run
     stop = RX.start(args.ray_address, num_cpus=None)
     try:
         # a warm-up per worker process matters only where times are reported
