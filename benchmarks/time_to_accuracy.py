@@ -28,7 +28,7 @@ Executors: by default every run trains in this process, one after another. --exe
 $RAY_ADDRESS), on a running cluster (benchmarks/ray_executor.py). Times are reported only when no two runs
 share a machine: the ray executor then keeps one run in flight per machine, with whole GPUs. --accuracy-only
 drops the times and lets runs share machines and fractional GPUs (--gpus-per-run 0.25). Betons are converted
-once, before any run is scheduled; on a cluster, --beton-dir (and --data) must name storage every node reads.
+once, before any run is scheduled; on a cluster, --beton-dir must name storage every node reads.
 
 Writes DIR/results.json, DIR/results.md (the same numbers as a table) and DIR/time_to_accuracy.png;
 both files are rewritten after every run, so an interrupted suite keeps what it finished.
@@ -575,6 +575,8 @@ def main(argv=None):
     set_all_threads(args.threads)  # ffcv's import dropped torch to one thread; training sets all of them again
     if args.executor == "ray":
         args.cpus_per_run, args.gpus_per_run = ray_resources(args, device)
+        # a Ray worker's working directory is not the driver's
+        args.out, beton_dir = os.path.abspath(args.out), os.path.abspath(beton_dir)
     jobs = plan_jobs(args, beton_dir, device)
     for job in jobs:  # a bad --train-args or --grid stops here, before an hour of runs, not after
         T.parse_args(job["args"][2])
