@@ -16,7 +16,6 @@ fastcifar-kernels installed, and the data on storage it can read, but not this c
 import os
 import socket
 import sys
-import time
 
 # embedded Ray on a small machine: no dashboard, a small object store (records are a few KB each)
 EMBEDDED = {"include_dashboard": False, "object_store_memory": 100 * 1024 ** 2}
@@ -31,7 +30,7 @@ def import_ray():
     return ray
 
 
-def start(address=None, num_cpus=None):
+def start(address=None):
     """Connect to ADDRESS (or $RAY_ADDRESS), else start an embedded Ray; returns a function that undoes it."""
     ray = import_ray()
     import benchmarks
@@ -40,9 +39,9 @@ def start(address=None, num_cpus=None):
         return lambda: None
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), **EMBEDDED)
+        ray.init(num_cpus=os.cpu_count(), **EMBEDDED)
     return ray.shutdown
 
 

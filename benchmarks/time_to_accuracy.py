@@ -642,7 +642,7 @@ def run_local(args, jobs, beton_dir, device, report):
 def run_ray(args, device, jobs, beton_dir, report):
     from . import ray_executor as RX
     cpus, gpus = args.cpus_per_run, args.gpus_per_run
-    stop = RX.start(args.ray_address, num_cpus=None)
+    stop = RX.start(args.ray_address)
     try:
         # a warm-up per worker process matters only where times are reported
         warm = (run_one, warmup_job(args, beton_dir, device)[0]) if args.warmup and not args.accuracy_only else None
