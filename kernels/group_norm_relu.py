@@ -145,12 +145,10 @@ if triton is not None:
     # The interpreter would time every config (seconds each, on the CPU, per shape): one config there.
     _INTERPRET_TILES = [(32, 128, 4)]
 
-    def _tuned(kernel):
-        interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-        configs = [triton.Config({"BLOCK_C": bc, "BLOCK_HW": bhw}, num_warps=w)
-                   for bc, bhw, w in (_INTERPRET_TILES if interp else _GPU_TILES)]
+    def _tuned(kernel, tiles, bench=_quick_bench):
+        configs = [triton.Config({"BLOCK_C": bc, "BLOCK_HW": bhw}, num_warps=w) for bc, bhw, w in tiles]
         return triton.autotune(configs, key=["CPS", "HW", "G", "S", "sx_c", "PHASE"],
-                               prune_configs_by={"early_config_prune": _fit_configs}, do_bench=_quick_bench)(
+                               prune_configs_by={"early_config_prune": _fit_configs}, do_bench=bench)(
             triton.heuristics({"ONE_TILE": _one_tile})(kernel))
 
     @triton.jit
@@ -311,8 +309,9 @@ if triton is not None:
                         _store_tile(dx_base, c_start + cs, hw_start + hws, mask, width, sg_c, sg_h, sg_w,
                                     (gy * w - s1 - xhat * s2) * rstd, FLAT_HW)
 
-    _fwd_tuned = _tuned(_gn_relu_fwd_kernel)
-    _bwd_tuned = _tuned(_gn_relu_bwd_kernel)
+    _TILES = _INTERPRET_TILES if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else _GPU_TILES
+    _fwd_tuned = _tuned(_gn_relu_fwd_kernel, _TILES)
+    _bwd_tuned = _tuned(_gn_relu_bwd_kernel, _TILES)
 
 
 # ---------------------------------------------------------------------------------------------

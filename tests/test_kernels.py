@@ -297,6 +297,30 @@ def test_autotune_configs_fit_the_shape():
 
 
 @needs_fused
+def test_autotuner_picks_and_runs_a_fitted_config(monkeypatch, poisoned):
+    """The GPU's tuning path (prune, time each config, cache the winner per key, launch it) with the
+    timer faked: the interpreter's own tuners hold one config."""
+    timed = []
+
+    def fake_bench(kernel_call, quantiles):
+        kernel_call()  # the config must run
+        timed.append(len(timed))
+        return [1.0 / len(timed)] * len(quantiles)  # the last config timed wins
+    fwd, bwd = (impl._tuned(k, impl._GPU_TILES, bench=fake_bench)
+                for k in (impl._gn_relu_fwd_kernel, impl._gn_relu_bwd_kernel))
+    monkeypatch.setattr(impl, "_fwd_tuned", fwd)
+    monkeypatch.setattr(impl, "_bwd_tuned", bwd)
+    x, w, b, dy, seed = make_inputs((2, 8, 4, 4), 2, "cl")
+    y, mean, rstd = impl._forward(x, 2, w, b)
+    grads = impl._backward(dy, x, mean, rstd, 2, w, b)
+    check_against_reference(x, 2, w, b, dy, seed, y=y, grads=grads)
+    assert len(timed) == 4, "two fitted configs (4x16, 2x16) per kernel"
+    assert [(c.kwargs["BLOCK_C"], c.kwargs["BLOCK_HW"]) for c in fwd.cache.values()] == [(2, 16)]
+    impl._forward(x, 2, w, b)
+    assert len(timed) == 4, "the winner is cached per key"
+
+
+@needs_fused
 @pytest.mark.parametrize("case", ["x_cl_dy_nchw", "x_nchw_dy_cl", "sliced_x_expanded_dy"])
 def test_mixed_strides(case, poisoned):
     """dy may arrive in another layout than x (or expanded); x may be a strided view."""
