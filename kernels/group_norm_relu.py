@@ -490,7 +490,7 @@ def _kernels_interpreted():
 
 _INTERPRETED = triton is not None and _kernels_interpreted()
 _ENV = {}      # environment read once: {"disable": bool, "interpret": bool}
-_ROUTES = {}   # key -> "triton" | "torch" | "error: ..."
+_ROUTES = {}   # (device type, dtype, channels_last) -> "triton" | "torch" | "error: ..."
 _STATUS = {}   # key -> "ok" | "mismatch: ..." | "unavailable: ..." (verify_kernel's results)
 
 
@@ -513,8 +513,8 @@ def _key(device_type, dtype, channels_last):
 
 
 def _tensor_key(x):
-    return _key(x.device.type, x.dtype, x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-                and not x.is_contiguous())
+    """(device type, dtype, channels_last): a tuple, so the per-call lookup formats no string."""
+    return x.device.type, x.dtype, x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def _dtype_gate(dtype, capability):
@@ -544,10 +544,10 @@ def _route(x):
     route = _ROUTES.get(key)
     if route is None:
         route = _static_route(x.device, x.dtype)
-        if route == "triton" and key not in _STATUS and x.device.type == "cuda" \
+        if route == "triton" and _key(*key) not in _STATUS and x.device.type == "cuda" \
                 and torch.cuda.is_current_stream_capturing():
             return "torch"  # first use inside a CUDA graph capture: no self-check possible here, nothing cached
-        if route == "triton" and not verify_kernel(x.device, x.dtype, key.endswith("channels_last")):
+        if route == "triton" and not verify_kernel(x.device, x.dtype, key[2]):
             route = "torch"
         _ROUTES[key] = route
     if route.startswith("error: "):
@@ -564,7 +564,7 @@ def fused_available(x_or_device=None) -> bool:
     for a key whose self-check failed. The environment is read once per process.
     """
     if isinstance(x_or_device, Tensor):
-        key = _tensor_key(x_or_device)
+        key = _key(*_tensor_key(x_or_device))
         return _static_route(x_or_device.device, x_or_device.dtype) == "triton" and \
             _STATUS.get(key, "ok") == "ok"
     dev = torch.device("cuda" if x_or_device is None else x_or_device)
@@ -638,7 +638,7 @@ def verify_kernel(device, dtype=torch.float32, channels_last=True, strict=False)
             if status != "ok":
                 warnings.warn(f"fastcifar_kernels: the fused GroupNorm+ReLU kernel disagrees with torch on {key} "
                               f"({status}); using the torch implementation there", RuntimeWarning, stacklevel=2)
-            _ROUTES.pop(key, None)
+            _ROUTES.clear()
         if route == "triton":  # "unavailable" is not cached: the environment may still change
             _STATUS[key] = status
     if status != "ok" and strict:

@@ -662,6 +662,7 @@ from triton.compiler import ASTSource
 m = sys.modules["fastcifar_kernels.group_norm_relu"]
 assert not m._INTERPRETED
 STATS = ("MEAN", "RSTD", "DWP", "DBP", "PMEAN", "PM2", "S1P", "S2P")
+TENSORS = ("X", "Y", "DY", "DX", "W", "B")
 n = 0
 for dt in ("fp32", "bf16"):
     # (cpg, hw, affine, ints equal to 1, phase, BLOCK_C, BLOCK_HW, warps): the model shapes' tiles, both split
@@ -676,8 +677,8 @@ for dt in ("fp32", "bf16"):
             consts = {k: v for k, v in flags.items() if k in kern.arg_names}
             if ones:
                 consts.update({a: 1 for a in ("cpg", "HW", "G", "width", "CPS", "S") if a in kern.arg_names})
-            sig = {a: "constexpr" if a in consts else "*fp32" if a in STATS else "*" + dt
-                   if a in ("X", "Y", "DY", "DX", "W", "B") else "fp32" if a == "eps" else "i32" for a in kern.arg_names}
+            sig = {a: "constexpr" if a in consts else "*fp32" if a in STATS else "*" + dt if a in TENSORS
+                   else "fp32" if a == "eps" else "i32" for a in kern.arg_names}
             k = triton.compile(ASTSource(fn=kern, signature=sig, constexprs=consts),
                                target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
             assert k.asm.get("cubin"), "no cubin"
