@@ -12,8 +12,8 @@ def norm_shapes(model: nn.Module, input_shape, channels_last=True):
     hook = lambda m, inp, out: found.append((*inp[0].shape, m.num_groups))  # noqa: E731
     hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.GroupNorm, GroupNormReLU))]
     try:
-        p = next(model.parameters(), None)
-        x = torch.randn(*input_shape, device=p.device if p is not None else "cpu")
+        p = next(model.parameters(), torch.empty(0))
+        x = torch.randn(*input_shape, device=p.device, dtype=p.dtype)
         with torch.no_grad():
             model(x.to(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x)
     finally:

@@ -13,6 +13,7 @@ NVIDIA_VISIBLE = os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi") is
 WE_SET_INTERPRET = not NVIDIA_VISIBLE and "TRITON_INTERPRET" not in os.environ
 if WE_SET_INTERPRET:
     os.environ["TRITON_INTERPRET"] = "1"
+sys.path.insert(0, ROOT)  # benchmarks/ runs from the checkout (python -m benchmarks...); it is not installed
 try:
     import fastcifar_kernels  # noqa: F401
 finally:
