@@ -448,9 +448,10 @@ def _torch_xhat_pre(x, mean, rstd, G, weight, bias):
 
 
 def _into(x, t):
-    """t in x's dtype and in an output laid out like the kernels' (empty_like(x, preserve_format))."""
-    out = torch.empty_like(x, memory_format=torch.preserve_format)
-    return t.to(x.dtype) if t.stride() == out.stride() and t.dtype == x.dtype else out.copy_(t)
+    """t in x's dtype and laid out like the kernels' outputs (empty_like(x, preserve_format))."""
+    if t.dtype == x.dtype and t.stride() == x.stride():
+        return t
+    return torch.empty_like(x, memory_format=torch.preserve_format).copy_(t)
 
 
 def _torch_forward(x, G, weight, bias, eps):

@@ -439,6 +439,18 @@ def test_torch_fallback_matches_float64(fmt, monkeypatch, poisoned):
     check_against_reference(x, 3, w, b, dy, seed, y=y, grads=grads)
 
 
+def test_torch_path_on_a_strided_view(monkeypatch):
+    """Outputs of the torch implementation are laid out as the op's fake says (empty_like, preserve_format)."""
+    monkeypatch.setenv("FASTCIFAR_KERNELS_DISABLE", "1")
+    big, w, b, _, seed = make_inputs((2, 8, 14, 7), 2, "cl")
+    x = big[:, :, ::2, :]
+    dy = torch.randn(1, 1, 1, 1, device=DEV).expand(x.shape)
+    y, grads = run_fused(x, 2, w, b, dy)
+    want = torch.empty_like(x, memory_format=torch.preserve_format).stride()
+    assert y.stride() == want and grads[0].stride() == want
+    check_against_reference(x, 2, w, b, dy, seed, y=y, grads=grads)
+
+
 @needs_fused
 def test_environment_is_read_once(monkeypatch, poisoned):
     x, w, b, dy, _ = make_inputs((2, 8, 4, 4), 2)
