@@ -20,27 +20,22 @@ device-to-device copy bandwidth (a large tensor copy, read + write).
 Without CUDA this prints that nothing was timed, writes {"skipped": true, "reason": ...}, exits 0.
 """
 import argparse
-import importlib
-import importlib.util
 import math
 import os
 import statistics
 import sys
 import time
 
+import fastcifar_kernels
 import torch
 import torch.nn.functional as F
 
 from fastcifar.io import atomic_write_json
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FORMATS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
 MODES = ("fwd", "fwdbwd")
 EPS = 1e-5
-# used when fastcifar.models cannot be imported: (C, H, W, G, models)
-FALLBACK_SHAPES = [(24, 32, 32, 3, "gn"), (40, 16, 16, 5, "gn"), (64, 8, 8, 8, "gn"),
-                   (24, 32, 32, 1, "ln"), (40, 16, 16, 1, "ln"), (64, 8, 8, 1, "ln")]
 TARGETS = {
     "fwdbwd_speedup_vs_eager": 2.0,       # fused fwd+bwd at least 2x faster than eager
     "speedup_vs_compile": 1.0,            # no slower than torch.compile, every model shape
@@ -48,41 +43,14 @@ TARGETS = {
 }
 
 
-def import_kernels():
-    try:
-        import fastcifar_kernels  # installed: setup.py maps kernels/ to this name
-    except ImportError:  # a bare checkout
-        spec = importlib.util.spec_from_file_location(
-            "fastcifar_kernels", os.path.join(ROOT, "kernels", "__init__.py"),
-            submodule_search_locations=[os.path.join(ROOT, "kernels")])
-        fastcifar_kernels = importlib.util.module_from_spec(spec)
-        sys.modules["fastcifar_kernels"] = fastcifar_kernels
-        spec.loader.exec_module(fastcifar_kernels)
-    return fastcifar_kernels
-
-
 def model_norm_shapes():
-    """[(C, H, W, G, "gn"/"ln"/"gn+ln")] from hooks on the real models; a fixed list if they won't run."""
-    try:
-        from torch import nn
-        from fastcifar.models import make_model
-        found = {}
-        for norm in ("gn", "ln"):
-            model = make_model(norm)
-            seen = []
-            hooks = [m.register_forward_hook(lambda m, i, o: seen.append((*i[0].shape[1:], m.num_groups)))
-                     for m in model.modules() if isinstance(m, nn.GroupNorm)]
-            with torch.no_grad():
-                model(torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last))
-            for h in hooks:
-                h.remove()
-            for s in seen:
-                found.setdefault(s, set()).add(norm)
-        if found:
-            return [(*s, "+".join(sorted(v))) for s, v in sorted(found.items())], "model"
-    except Exception as e:  # noqa: BLE001 - report and carry on with the fixed list
-        print(f"note: could not run fastcifar.models ({type(e).__name__}: {e}); using a fixed shape list")
-    return list(FALLBACK_SHAPES), "fallback"
+    """[(C, H, W, G, "gn"/"ln"/"gn+ln")]: every group norm the project's gn and ln models run."""
+    from fastcifar.models import make_model
+    found = {}
+    for norm in ("gn", "ln"):
+        for s in fastcifar_kernels.norm_shapes(make_model(norm), (2, 3, 32, 32)):
+            found.setdefault(s[1:], set()).add(norm)
+    return [(*s, "+".join(sorted(v))) for s, v in sorted(found.items())]
 
 
 def bytes_moved(n, c, h, w, elt, mode, affine=True):
@@ -315,9 +283,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    shapes, source = model_norm_shapes()
+    shapes = model_norm_shapes()
     if args.bytes:
-        print(f"shapes from: {source}")
         print_bytes_table(shapes, args.batch, args.dtypes)
         return 0
     out_path = os.path.join(args.out, "kernels.json")
@@ -329,12 +296,16 @@ def main(argv=None):
 
     if not torch.cuda.is_available():
         return skip("no CUDA device is available (torch.cuda.is_available() is False)")
-    fk = import_kernels()
-    impl = importlib.import_module("fastcifar_kernels.group_norm_relu")
+    fk = fastcifar_kernels
     if not fk.fused_available(torch.device("cuda")):
-        return skip("CUDA is available but triton is not importable, so the fused kernel cannot run")
-    if impl._INTERPRETED:
-        return skip("TRITON_INTERPRET is set: the kernels would run in the interpreter")
+        return skip("CUDA is available but the fused kernel cannot run there (triton missing, TRITON_INTERPRET "
+                    "set, or FASTCIFAR_KERNELS_DISABLE=1)")
+    for dn in args.dtypes:
+        for fmt in args.formats:
+            try:  # timing a kernel that computes the wrong thing would mean nothing
+                fk.verify_kernel("cuda", DTYPES[dn], channels_last=fmt == "cl", strict=True)
+            except RuntimeError as e:
+                return skip(f"the fused kernel cannot be trusted for {dn}/{fmt} ({e})")
 
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 50 << 20)
@@ -358,7 +329,7 @@ def main(argv=None):
     import triton
     write_json_atomic(out_path, {
         "skipped": False, "device": props.name, "torch": torch.__version__, "triton": triton.__version__,
-        "shapes_from": source, "copy_gbps": copy_gbps, "l2_bytes": l2, "settings": vars(args),
+        "kernel_status": fk.kernel_status(), "copy_gbps": copy_gbps, "l2_bytes": l2, "settings": vars(args),
         "targets": TARGETS, "targets_met": verdict, "summary": summary, "rows": rows,
     })
     print(f"wrote {out_path}")

@@ -20,15 +20,30 @@ but inductor's on-disk cache persists: the first seed of each norm compiles cold
 invocation left that cache warm) and its later seeds reuse the generated kernels, as a second process
 would; the per-run compile times in results.json show the difference.
 
+Sweeps: --grid KEY=V1,V2 ... adds training flags to sweep (every combination, for every norm and seed).
+--seeds 20 reports each norm's success rate ("reached / runs") beside the mean and the minimum final accuracy.
+
+Executors: by default every run trains in this process, one after another. --executor ray runs each
+(norm, seed, grid point) as a Ray task, on an embedded local Ray or, with --ray-address ADDR (or
+$RAY_ADDRESS), on a running cluster (benchmarks/ray_executor.py). Times are reported only when no two runs
+share a machine: the ray executor then keeps one run in flight per machine, with whole GPUs. --accuracy-only
+drops the times and lets runs share machines and fractional GPUs (--gpus-per-run 0.25). Betons are converted
+once, before any run is scheduled; on a cluster, --beton-dir must name storage every node reads.
+
 Writes DIR/results.json, DIR/results.md (the same numbers as a table) and DIR/time_to_accuracy.png;
 both files are rewritten after every run, so an interrupted suite keeps what it finished.
 """
 import argparse
+import contextlib
 import gc
+import io
+import itertools
 import json
 import os
+import re
 import shlex
 import shutil
+import socket
 import statistics
 import sys
 import time
@@ -62,8 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="train with --amp (bf16 autocast; default on)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="train with --compile (default: on with CUDA, off on the CPU, where compiling costs "
-                        "minutes that a short run cannot earn back)")
+                   help="train with --compile on / off (default: the trainer's auto: on with CUDA, off on the CPU, "
+                        "where compiling costs minutes that a short run cannot earn back)")
     p.add_argument("--preset", choices=sorted(T.PRESETS), help="training preset (default: the trainer's)")
     p.add_argument("--epochs", type=int, help="training epochs (default: the preset's)")
     p.add_argument("--limit", type=int, help="train and test on a fixed spread of N images each (smoke runs; "
@@ -73,6 +88,19 @@ def parse_args(argv=None):
     p.add_argument("--train-args", default="", metavar="'ARGS'",
                    help="more flags for every training run, e.g. --train-args='--cutout 8' (with '=': "
                         "argparse takes a lone value that starts with -- for an option)")
+    p.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2",
+                   help="training flags to sweep: --grid lr=0.1,0.2 batch_size=128,256 runs every combination for "
+                        "every norm and seed (keys are fastcifar.train flags, e.g. arch, cutout, epochs)")
+    p.add_argument("--accuracy-only", action="store_true",
+                   help="report accuracies and success rates but no times, so that runs may share machines and "
+                        "GPUs (--executor ray, fractional --gpus-per-run)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local (default): one run after another in this process; ray: one Ray task per run")
+    p.add_argument("--ray-address", help="join this Ray cluster (default: $RAY_ADDRESS, else an embedded local Ray)")
+    p.add_argument("--gpus-per-run", type=float, help="GPUs per Ray task (default: 1 on CUDA, else 0; fractions "
+                                                      "only with --accuracy-only)")
+    p.add_argument("--cpus-per-run", type=int, help="CPUs per Ray task (default 1; with --accuracy-only also the "
+                                                    "run's torch threads unless --threads says otherwise)")
     p.add_argument("--baseline", action="store_true",
                    help="also train the reference recipe (benchmarks/baseline.py) on the same device and report "
                         "each norm's speed-up over it")
@@ -91,7 +119,59 @@ def parse_args(argv=None):
     if (args.limit is not None and args.limit < 1) or (args.threads is not None and args.threads < 1):
         p.error("--limit and --threads must be at least 1")
     args.norm = list(dict.fromkeys(args.norm))
+    try:
+        args.configs = parse_grid(args.grid)
+    except ValueError as e:
+        p.error(str(e))
+    if args.executor == "local":
+        given = [f for f, v in (("--gpus-per-run", args.gpus_per_run), ("--cpus-per-run", args.cpus_per_run),
+                                ("--ray-address", args.ray_address)) if v is not None]
+        if given:
+            p.error(f"{', '.join(given)}: only with --executor ray")
+    if (args.gpus_per_run is not None and args.gpus_per_run < 0) or (args.cpus_per_run is not None
+                                                                     and args.cpus_per_run < 1):
+        p.error("--gpus-per-run must be at least 0 and --cpus-per-run at least 1")
+    if not args.accuracy_only and args.gpus_per_run is not None and args.gpus_per_run != int(args.gpus_per_run):
+        p.error(f"--gpus-per-run {args.gpus_per_run:g} shares a GPU between runs, and runs that share a device slow "
+                "each other, so their times to target would be wrong; add --accuracy-only to sweep accuracy "
+                "without times")
+    if args.accuracy_only and args.baseline:
+        p.error("--baseline reports speed-ups, which need times: drop --accuracy-only or --baseline")
     return args
+
+
+HARNESS_FLAGS = {"norm": "--norm", "seed": "--seeds/--first-seed", "out": "--out", "data": "--data",
+                 "device": "--device", "target_acc": "--target", "resume": "(none)"}
+
+
+def parse_grid(items):
+    """['lr=0.1,0.2', 'batch_size=128,256'] -> the product as [{'lr': '0.1', 'batch_size': '128'}, ...]."""
+    axes = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip().lstrip("-").replace("-", "_")
+        values = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not key or not values:
+            raise ValueError(f"--grid takes KEY=V1,V2,... items, got {item!r}")
+        if key in HARNESS_FLAGS:
+            raise ValueError(f"--grid {key}: the harness sets it itself (use {HARNESS_FLAGS[key]})")
+        if key in axes:
+            raise ValueError(f"--grid names {key} twice")
+        axes[key] = list(dict.fromkeys(values))
+    return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+
+
+def config_argv(config):
+    return [x for k, v in config.items() for x in (f"--{k.replace('_', '-')}", v)]
+
+
+def group_label(norm, config):
+    return " ".join([norm] + [f"{k}={v}" for k, v in config.items()])
+
+
+def run_name(norm, config, seed):
+    parts = [norm] + [re.sub(r"[^A-Za-z0-9.]+", "_", f"{k}{v}") for k, v in config.items()] + [f"s{seed}"]
+    return "-".join(parts)
 
 
 # ---------------------------------------------------------------- one run
@@ -100,14 +180,28 @@ def train_argv(args, norm, seed, data, out, device):
     argv = ["--norm", norm, "--seed", str(seed), "--target-acc", str(args.target), "--device", device.type,
             "--data", data, "--out", out]
     argv += ["--amp"] if args.amp else []
-    argv += ["--compile"] if args.compile else []
+    argv += compile_argv(args.compile)
     argv += ["--preset", args.preset] if args.preset else []
     argv += ["--epochs", str(args.epochs)] if args.epochs else []
     argv += ["--limit", str(args.limit)] if args.limit else []
-    argv += ["--threads", str(args.threads)] if args.threads else []
+    threads = args.threads or (args.cpus_per_run if args.executor == "ray" and args.accuracy_only else None)
+    argv += ["--threads", str(threads)] if threads else []
     argv += [] if args.progress else ["--quiet"]
     argv += [] if args.run_plots else ["--no-plots"]
     return argv + shlex.split(args.train_args)
+
+
+def compile_argv(on):
+    """--compile on|off when the user chose, nothing otherwise (the trainer's auto decides).
+    A trainer whose --compile is still a bare switch gets that form."""
+    if on is None:
+        return []
+    with contextlib.redirect_stderr(io.StringIO()):
+        try:
+            T.parse_args(["--compile", "off"])
+        except SystemExit:
+            return ["--compile"] if on else []
+    return ["--compile", "on" if on else "off"]
 
 
 RUN_KEYS = ("params", "within_budget", "device", "amp", "compile", "fused_norm", "preset", "batch_size", "lr",
@@ -190,20 +284,22 @@ def _spread(xs):
 
 
 def _mean_std(xs):
-    return {"mean": statistics.fmean(xs) if xs else None,
-            "std": statistics.stdev(xs) if len(xs) > 1 else None, "n": len(xs)}
+    return {"mean": statistics.fmean(xs) if xs else None, "std": statistics.stdev(xs) if len(xs) > 1 else None,
+            "min": min(xs) if xs else None, "n": len(xs)}
 
 
-def summarize_norm(runs):
+def summarize_norm(runs, timed=True):
     reached = [r for r in runs if r["status"] == "reached"]
     trained = [r for r in runs if r["status"] != "failed"]  # finished training, target or not
     n_ok = len(reached)
     return {
-        "runs": len(runs), "reached": n_ok, "not_reached": sum(r["status"] == "not_reached" for r in runs),
+        "norm": runs[0]["norm"], "config": runs[0].get("config", {}),
+        "runs": len(runs), "reached": n_ok, "success_rate": n_ok / len(runs), "not_reached": sum(r["status"] == "not_reached" for r in runs),
         "failed": sum(r["status"] == "failed" for r in runs), "failures": len(runs) - n_ok,
         "status": "ok" if n_ok == len(runs) else "partial" if n_ok else "failed",
         "params": next((r["params"] for r in runs if r.get("params") is not None), None),
-        "time_to_target_s": _spread([r["time_to_target_s"] for r in reached]),
+        # with --accuracy-only runs may have shared a machine: their times are kept per run, never summarized
+        "time_to_target_s": _spread([r["time_to_target_s"] for r in reached] if timed else []),
         "epochs_to_target": _spread([r["epochs_to_target"] for r in reached]),
         "final_test_acc": _mean_std([r["final_test_acc"] for r in trained]),
         "best_test_acc": _mean_std([r["best_test_acc"] for r in trained]),
@@ -232,20 +328,30 @@ def fmt_speedup(s):
     return f"{'>= ' if s['lower_bound'] else ''}{s['ratio']:.2f}x"
 
 
+def groups(args):
+    """(label, norm, config) per summary row: the norm alone without a grid."""
+    return [(group_label(n, c), n, c) for c in args.configs for n in args.norm]
+
+
 def collect(args, env, ds, runs, baseline, state):
     norms = {}
-    for n in args.norm:
-        mine = [r for r in runs if r["norm"] == n]
+    for label, *_ in groups(args):
+        mine = [r for r in runs if r.get("group", r["norm"]) == label]
         if mine:
-            norms[n] = summarize_norm(mine)
-            norms[n]["speedup_vs_baseline"] = speedup(baseline, norms[n])
+            norms[label] = summarize_norm(mine, timed=not args.accuracy_only)
+            norms[label]["speedup_vs_baseline"] = speedup(baseline, norms[label])
     bl = None
     if baseline is not None:
         bl = {k: v for k, v in baseline.items() if k != "traceback"}
     failed_any = any(s["status"] != "ok" for s in norms.values())
     return {
-        "benchmark": "time_to_accuracy", "state": state, "environment": env, "dataset": ds,
-        "settings": {"norms": args.norm, "seeds": list(range(args.first_seed, args.first_seed + args.seeds)),
+        "benchmark": "time_to_accuracy", "executor": args.executor, "state": state, "environment": env, "dataset": ds,
+        "settings": {"norms": args.norm, "groups": [g for g, *_ in groups(args)], "grid": args.grid,
+                     "executor": args.executor, "accuracy_only": args.accuracy_only,
+                     "ray": None if args.executor != "ray" else {
+                         "address": args.ray_address or os.environ.get("RAY_ADDRESS") or "embedded",
+                         "gpus_per_run": args.gpus_per_run, "cpus_per_run": args.cpus_per_run},
+                     "seeds": list(range(args.first_seed, args.first_seed + args.seeds)),
                      "target_acc": args.target, "device": env["device"], "amp": args.amp, "compile": args.compile,
                      "preset": args.preset or T.parse_args([]).preset, "epochs": args.epochs, "limit": args.limit,
                      "train_args": args.train_args, "threads": args.threads, "baseline": args.baseline, "baseline_epochs": args.baseline_epochs,
@@ -259,8 +365,8 @@ def collect(args, env, ds, runs, baseline, state):
 # ---------------------------------------------------------------- report
 
 TABLE_HEADER = ["recipe", "params", "reached / runs", "time to target, median (s)", "min (s)", "max (s)",
-                "epochs to target, median", "final test acc (%)", "best test acc (%)", "compile (s)", "eval (s)",
-                "speed-up vs baseline"]
+                "epochs to target, median", "final test acc (%)", "final test acc, min (%)", "best test acc (%)",
+                "compile (s)", "eval (s)", "speed-up vs baseline"]
 
 
 def _acc(ms):
@@ -273,21 +379,27 @@ def _g(x):
     return "n/a" if x is None else f"{x:g}"
 
 
+def _pct(x):
+    return "n/a" if x is None else f"{100 * x:.2f}"
+
+
 def table_rows(results):
     rows = []
+    timed = not results["settings"].get("accuracy_only")
     for n, s in results["norms"].items():
-        t = s["time_to_target_s"]
+        t = {k: fmt(v) if timed else "not timed" for k, v in s["time_to_target_s"].items()}
         rows.append([n, s["params"] if s["params"] is not None else "n/a", f"{s['reached']} / {s['runs']}",
-                     fmt(t["median"]), fmt(t["min"]), fmt(t["max"]), _g(s["epochs_to_target"]["median"]),
-                     _acc(s["final_test_acc"]), _acc(s["best_test_acc"]), fmt(s["compile_time_s"]),
-                     fmt(s["eval_time_s"]), fmt_speedup(s.get("speedup_vs_baseline"))])
+                     t["median"], t["min"], t["max"], _g(s["epochs_to_target"]["median"]),
+                     _acc(s["final_test_acc"]), _pct(s["final_test_acc"].get("min")), _acc(s["best_test_acc"]),
+                     fmt(s["compile_time_s"]), fmt(s["eval_time_s"]), fmt_speedup(s.get("speedup_vs_baseline"))])
     b = results.get("baseline")
     if b:
         trained = b["status"] != "failed"
         one = lambda k: {"mean": b.get(k), "std": None} if trained else {"mean": None}  # noqa: E731
         t = b.get("time_to_target_s")
         rows.append(["baseline", b.get("params", "n/a"), f"{int(b['status'] == 'reached')} / 1", fmt(t), fmt(t),
-                     fmt(t), _g(b.get("epochs_to_target")), _acc(one("final_test_acc")), _acc(one("best_test_acc")),
+                     fmt(t), _g(b.get("epochs_to_target")), _acc(one("final_test_acc")),
+                     _pct(b.get("final_test_acc") if trained else None), _acc(one("best_test_acc")),
                      fmt(b.get("compile_time_s")), fmt(b.get("eval_time_s")), "1.00x" if t is not None else "n/a"])
     return rows
 
@@ -304,15 +416,21 @@ def render_markdown(results):
              f"- Versions: torch {env['torch']}, torchvision {env['torchvision']}, triton {env['triton']}, "
              f"ffcv {env['ffcv']}, python {env['python']}",
              f"- Settings: device {st['device']}, amp {'on' if st['amp'] else 'off'}, compile "
-             f"{'on' if st['compile'] else 'off'}, preset {st['preset']}, epochs {st['epochs'] or 'from the preset'}, "
-             f"seeds {', '.join(map(str, st['seeds']))}" + (f", extra training flags `{st['train_args']}`" if st["train_args"] else ""),
+             f"{ {True: 'on', False: 'off'}.get(st['compile'], 'auto')}, preset {st['preset']}, "
+             f"epochs {st['epochs'] or 'from the preset'}, seeds {', '.join(map(str, st['seeds']))}"
+             + (f", extra training flags `{st['train_args']}`" if st["train_args"] else "")
+             + (f", grid `{' '.join(st['grid'])}`" if st.get("grid") else ""),
+             f"- Executor: {executor_line(st)}",
              f"- Status: {results['status']}" + ("" if results["state"] == "complete" else f" ({results['state']})"),
              "",
              markdown_table(TABLE_HEADER, table_rows(results)),
              "",
              f"Time to target: cumulative training time at the end of the first epoch whose test accuracy reaches "
              f"{target}, torch.compile included, evaluation excluded; median, min and max over the runs that reached "
-             "it. Accuracies: mean ± sample standard deviation over the runs that finished training. Compile: "
+             "it" + ("" if not st.get("accuracy_only") else " (not timed here: with --accuracy-only runs may share "
+                     "a machine or a GPU and slow each other)") + ". Reached / runs: the success rate over every run "
+             "started, failed ones included. Accuracies: mean ± sample standard deviation, and the minimum, over "
+             "the runs that finished training. Compile: "
              "median compile time per run (part of time to target). Eval: median total evaluation time per run "
              "(not part of it). Speed-up: baseline time to target / the norm's median time to target."]
     if results.get("baseline"):
@@ -328,10 +446,39 @@ def render_markdown(results):
         elif b["status"] == "failed":
             lines.append(f"It failed ({b.get('error')}), so there are no speed-ups.")
     errors = [(n, e) for n, s in results["norms"].items() for e in s["errors"]]
+    where = [r for r in results["runs"] if (r.get("where") or {}).get("executor") == "ray"]
+    if where:
+        lines += ["", "## Where each run ran", "", markdown_table(
+            ["run", "status", "Ray node", "host", "pid"],
+            [[os.path.basename(r["out"]), r["status"], (r["where"]["node_id"] or "n/a")[:12], r["where"]["host"] or "n/a",
+              r["where"]["pid"] or "n/a"] for r in where])]
     if errors:
         lines += ["", "## Runs that did not reach the target", ""]
         lines += [f"- {n} seed {e['seed']}: {e['status']}: {e['error']}" for n, e in errors]
     return "\n".join(lines) + "\n"
+
+
+def executor_line(st):
+    ex = st.get("executor", "local")
+    if ex == "local":
+        line = "local (one run after another, in one process)"
+    else:
+        ray = st["ray"]
+        line = (f"ray at {ray['address']}, {_g(ray['gpus_per_run'])} GPU(s) and {_g(ray['cpus_per_run'])} CPU(s) "
+                "per run, " + ("runs may share machines" if st.get("accuracy_only") else "one run per machine at a time"))
+    return line + (", accuracy only (no times)" if st.get("accuracy_only") else "")
+
+
+def success_lines(results):
+    """One console line per row: the success rate and the accuracy spread beside the median time."""
+    target = f"{100 * results['settings']['target_acc']:g}%"
+    out = []
+    for n, s in results["norms"].items():
+        acc, t = s["final_test_acc"], s["time_to_target_s"]["median"]
+        out.append(f"{n}: {s['reached']}/{s['runs']} runs reached {target}; final test acc "
+                   + (f"mean {100 * acc['mean']:.2f}%, min {100 * acc['min']:.2f}%" if acc["mean"] is not None
+                      else "n/a") + (f"; median time to target {t:.2f} s" if t is not None else ""))
+    return out
 
 
 def plot(results, path):
@@ -341,9 +488,9 @@ def plot(results, path):
     fig, ax = plt.subplots(figsize=(8, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     xs = []
-    for i, n in enumerate(results["settings"]["norms"]):
+    for i, n in enumerate(results["settings"].get("groups") or results["settings"]["norms"]):
         first = True
-        for r in (r for r in results["runs"] if r["norm"] == n and r.get("history")):
+        for r in (r for r in results["runs"] if r.get("group", r["norm"]) == n and r.get("history")):
             t = [h["train_time_s"] for h in r["history"]]
             a = [100 * h["test_acc"] for h in r["history"]]
             xs += t
@@ -385,47 +532,77 @@ def write_outputs(results, out, with_plot):
 
 # ---------------------------------------------------------------- main
 
+def plan_jobs(args, beton_dir, device):
+    """Interleaved: seed 0 of every grid point and norm, then seed 1, ..."""
+    jobs = []
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        for label, norm, config in groups(args):
+            out = os.path.join(args.out, "runs", run_name(norm, config, seed))
+            argv = train_argv(args, norm, seed, beton_dir, out, device) + config_argv(config)
+            jobs.append({"args": (norm, seed, argv, out, args.target),
+                         "record": {"norm": norm, "seed": seed, "group": label, "config": config, "out": out,
+                                    "train_argv": argv}})
+    return jobs
+
+
+def warmup_job(args, beton_dir, device):
+    limit = min(WARMUP_IMAGES, args.limit or WARMUP_IMAGES)
+    out = os.path.join(args.out, "runs", "warmup")
+    uncompiled = argparse.Namespace(**dict(vars(args), compile=False))  # the warm-up never compiles
+    argv = train_argv(uncompiled, args.norm[0], args.first_seed, beton_dir, out, device) + \
+        config_argv(args.configs[0]) + ["--limit", str(limit), "--epochs", "1", "--no-plots"]
+    return (args.norm[0], args.first_seed, argv, out, args.target), limit
+
+
+def ray_resources(args, device):
+    gpus = args.gpus_per_run if args.gpus_per_run is not None else float(device.type == "cuda")
+    if device.type == "cuda" and gpus == 0:
+        sys.exit("error: --device cuda with --gpus-per-run 0: Ray hides every GPU from a task that asks for none")
+    return args.cpus_per_run or 1, gpus
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
         device = pick_device(args.device)
     except DataError as e:
         sys.exit(f"error: {e}")
-    if args.compile is None:
-        args.compile = device.type == "cuda"
     os.makedirs(args.out, exist_ok=True)
-    try:
+    try:  # once, here, before any job is scheduled: every run (and every Ray worker) reads the same folder
         beton_dir, manifest = prepare_betons(resolve_source(args.data), args.beton_dir)
     except DataError as e:
         sys.exit(f"error: {e}")
     set_all_threads(args.threads)  # ffcv's import dropped torch to one thread; training sets all of them again
-    seeds = range(args.first_seed, args.first_seed + args.seeds)
-    plan = [(n, s, os.path.join(args.out, "runs", f"{n}-s{s}")) for s in seeds for n in args.norm]
-    plan = [(n, s, o, train_argv(args, n, s, beton_dir, o, device)) for n, s, o in plan]
-    for *_, argv_ in plan:  # a bad --train-args stops here, before an hour of runs, not after
-        T.parse_args(argv_)
+    if args.executor == "ray":
+        args.cpus_per_run, args.gpus_per_run = ray_resources(args, device)
+        # a Ray worker's working directory is not the driver's
+        args.out, beton_dir = os.path.abspath(args.out), os.path.abspath(beton_dir)
+    jobs = plan_jobs(args, beton_dir, device)
+    for job in jobs:  # a bad --train-args or --grid stops here, before an hour of runs, not after
+        T.parse_args(job["args"][2])
     env = environment(device, PROG, argv)
     ds = dataset_record(manifest, args.limit, args.dataset_label)
-    print(f"time to {100 * args.target:g}%: {len(plan)} runs ({', '.join(args.norm)} x {args.seeds} seeds)"
-          f"{' + baseline' if args.baseline else ''} on {env['device_name']}; {dataset_line(ds)}", flush=True)
+    grid = f" x {len(args.configs)} grid points" if args.grid else ""
+    print(f"time to {100 * args.target:g}%: {len(jobs)} runs ({', '.join(args.norm)} x {args.seeds} seeds{grid})"
+          f"{' + baseline' if args.baseline else ''} on {env['device_name']}, executor {args.executor}; "
+          f"{dataset_line(ds)}", flush=True)
 
-    runs, baseline, state = [], None, "running"
+    done, baseline, state = {}, None, "running"
+
+    def report(i, rec):
+        rec = done[i] = {**jobs[i]["record"], **rec}
+        r = jobs[i]["record"]
+        w = rec.get("where") or {}
+        at = f" [ray node {(w.get('node_id') or '?')[:8]}, pid {w.get('pid')}]" if w.get("executor") == "ray" else ""
+        print(f"[{len(done)}/{len(jobs)}] {r['group']} seed {r['seed']}: {describe(rec, args.target)}{at}", flush=True)
+        write_outputs(collect(args, env, ds, [done[j] for j in sorted(done)], baseline, state), args.out,
+                      with_plot=False)
+
     try:
-        if args.warmup:
-            limit = min(WARMUP_IMAGES, args.limit or WARMUP_IMAGES)
-            wout = os.path.join(args.out, "runs", "warmup")
-            wargv = train_argv(args, args.norm[0], args.first_seed, beton_dir, wout, device)
-            wargv = [a for a in wargv if a != "--compile"] + ["--limit", str(limit), "--epochs", "1", "--no-plots"]
-            print(f"warm-up (untimed): {args.norm[0]}, 1 epoch on {limit} images", flush=True)
-            w = run_one(args.norm[0], args.first_seed, wargv, wout, args.target)
-            if w["status"] == "failed":
-                print(f"warm-up failed ({w['error']}); the timed runs go ahead", flush=True)
-        for i, (norm, seed, out, argv_) in enumerate(plan, 1):
-            print(f"[{i}/{len(plan)}] {norm} seed {seed}: training -> {out}", flush=True)
-            rec = run_one(norm, seed, argv_, out, args.target)
-            runs.append(rec)
-            print(f"[{i}/{len(plan)}] {norm} seed {seed}: {describe(rec, args.target)}", flush=True)
-            write_outputs(collect(args, env, ds, runs, baseline, state), args.out, with_plot=False)
+        if args.executor == "ray":
+            run_ray(args, device, jobs, beton_dir, report)
+        else:
+            run_local(args, jobs, beton_dir, device, report)
         if args.baseline:
             out = os.path.join(args.out, "runs", f"baseline-s{args.first_seed}")
             print(f"[baseline] reference recipe, at most {args.baseline_epochs} epochs -> {out}", flush=True)
@@ -435,15 +612,46 @@ def main(argv=None):
     except KeyboardInterrupt:
         state = "interrupted"
         print("interrupted: writing what finished", file=sys.stderr, flush=True)
+    runs = [done[j] for j in sorted(done)]
     results = collect(args, env, ds, runs, baseline, state)
     write_outputs(results, args.out, with_plot=True)
     print()
     print(render_markdown(results))
+    print("\n".join(success_lines(results)))
     print(f"wrote {os.path.join(args.out, 'results.json')}, results.md and time_to_accuracy.png", flush=True)
     if state == "interrupted":
         return 130
     crashed = any(r["status"] == "failed" for r in runs) or (baseline or {}).get("status") == "failed"
     return 1 if crashed else 0
+
+
+def run_local(args, jobs, beton_dir, device, report):
+    if args.warmup:
+        wjob, limit = warmup_job(args, beton_dir, device)
+        print(f"warm-up (untimed): {args.norm[0]}, 1 epoch on {limit} images", flush=True)
+        w = run_one(*wjob)
+        if w["status"] == "failed":
+            print(f"warm-up failed ({w['error']}); the timed runs go ahead", flush=True)
+    where = {"executor": "local", "node_id": None, "host": socket.gethostname(), "pid": os.getpid()}
+    for i, job in enumerate(jobs):
+        print(f"[{i + 1}/{len(jobs)}] {job['record']['group']} seed {job['record']['seed']}: training -> "
+              f"{job['record']['out']}", flush=True)
+        report(i, dict(run_one(*job["args"]), where=where))
+
+
+def run_ray(args, device, jobs, beton_dir, report):
+    from . import ray_executor as RX
+    cpus, gpus = args.cpus_per_run, args.gpus_per_run
+    stop = RX.start(args.ray_address)
+    try:
+        # a warm-up per worker process matters only where times are reported
+        warm = (run_one, warmup_job(args, beton_dir, device)[0]) if args.warmup and not args.accuracy_only else None
+        print(f"ray: {len(jobs)} tasks, {cpus} CPU(s) and {gpus:g} GPU(s) each, "
+              + ("packed as resources allow (accuracy only)" if args.accuracy_only else "one per machine at a time"),
+              flush=True)
+        RX.run(jobs, run_one, cpus=cpus, gpus=gpus, timed=not args.accuracy_only, warmup=warm, on_result=report)
+    finally:
+        stop()
 
 
 def describe(rec, target):

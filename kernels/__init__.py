@@ -1,7 +1,8 @@
 """fastcifar_kernels: Triton fused GroupNorm+ReLU (forward and backward) with a torch fallback.
 
-    from fastcifar_kernels import GroupNormReLU, group_norm_relu, fused_available
+    from fastcifar_kernels import GroupNormReLU, group_norm_relu, verify_kernel, kernel_status
 """
-from .group_norm_relu import GroupNormReLU, GroupNormReLUFunction, fused_available, group_norm_relu
+from .group_norm_relu import GroupNormReLU, fused_available, group_norm_relu, kernel_status, verify_kernel
+from .shapes import norm_shapes
 
-__all__ = ["GroupNormReLU", "GroupNormReLUFunction", "fused_available", "group_norm_relu"]
+__all__ = ["GroupNormReLU", "fused_available", "group_norm_relu", "kernel_status", "norm_shapes", "verify_kernel"]

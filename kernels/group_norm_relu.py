@@ -1,7 +1,8 @@
 """Fused GroupNorm + ReLU for 4-D activations, forward and backward, in Triton.
 
-Layout of this file: forward kernel, backward kernel, host wrappers, torch.library ops,
-autograd Function, functional entry point, nn.Module.
+Layout of this file: Triton helpers and kernels, launchers, the torch implementation, routing
+(availability, dtype gates, the self-check), the torch.library op with its autograd, the public
+function and nn.Module.
 
 Math, per sample n and group g over its M = (C/G)*H*W elements:
     mean, rstd = 1/sqrt(var + eps)            (biased variance, accumulated in fp32)
@@ -10,38 +11,39 @@ Backward, with dy' = dy * (xhat * w_c + b_c > 0) and dxhat = dy' * w_c:
     db_c = sum_{n,h,w} dy';  dw_c = sum_{n,h,w} dy' * xhat
     dx = rstd * (dxhat - mean_g(dxhat) - xhat * mean_g(dxhat * xhat))
 
-One program handles one (n, g) and walks the group in [BLOCK_C, BLOCK_HW] tiles, so any group
-size works. Tensors are indexed through their strides (NCHW, channels_last, or anything else),
-so outputs keep the input's memory format and nothing is copied to make it contiguous.
-The backward pass saves x (not the normalized tensor) and recomputes xhat and the ReLU mask.
-dw/db are written as per-sample partials [N, C] and summed afterwards: deterministic, no atomics.
+One program handles one (n, g) and walks the group in [BLOCK_C, BLOCK_HW] tiles. When N*G programs
+would leave SMs idle, each group is split into S channel chunks: a first launch reduces every chunk
+(forward: count/mean/M2; backward: per-channel dw/db and the chunk's share of the two group sums),
+a second merges the S partials and writes y (or dx). Tensors are indexed through their strides, so
+NCHW, channels_last or any other layout is read in place and outputs keep the input's format. The
+backward saves x (not xhat) and recomputes xhat and the ReLU mask. dw/db are written as per-sample
+partials [N, C] and summed afterwards: deterministic, no atomics.
 
-Set FASTCIFAR_KERNELS_DISABLE=1 to force the plain torch path everywhere.
+Every call goes through one torch.library op (fastcifar_kernels::group_norm_relu) whose autograd is
+registered with torch.library, so eager and torch.compile run the same code. Its implementation
+picks, per (device type, dtype, memory format) and cached, the Triton kernels or the torch
+implementation (CPU without the interpreter, float64, FASTCIFAR_KERNELS_DISABLE=1, a kernel that
+failed its self-check; see verify_kernel).
 """
 import os
+import warnings
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 try:
     import triton
     import triton.language as tl
-except Exception:  # not installed, or a broken install: the torch path still works
+except Exception:  # not installed, blocked, or a broken install: the torch implementation still works
     triton = None
 
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-# Tile sizes in elements. Not timed on a GPU yet; chosen from ptxas register counts for sm_90 (about
-# 30-90 registers per thread on the model's shapes, no spills). A group of up to _ONE_TILE_MAX
-# elements is loaded once and kept in registers; larger groups are walked twice (stats, then apply).
-_ONE_TILE_MAX = 4096
-_LOOP_TILE = 2048
+_MIN_SPLIT_ELEMS = 512  # a split chunk smaller than this costs more in the second launch than it gains
 
 
 # ---------------------------------------------------------------------------------------------
-# Forward kernel
+# Triton helpers and kernels
 # ---------------------------------------------------------------------------------------------
 if triton is not None:
 
@@ -54,105 +56,197 @@ if triton is not None:
             return (hw // width) * s_h + (hw % width) * s_w
 
     @triton.jit
+    def _load_tile(base, c, hw, mask, width, s_c, s_h, s_w, FLAT_HW: tl.constexpr):
+        return tl.load(base + c * s_c + _hw_offsets(hw, width, s_h, s_w, FLAT_HW), mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _store_tile(base, c, hw, mask, width, s_c, s_h, s_w, val, FLAT_HW: tl.constexpr):
+        tl.store(base + c * s_c + _hw_offsets(hw, width, s_h, s_w, FLAT_HW), val.to(base.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _affine(W, B, ch, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+        """(w, b) for the channels ch as [BLOCK_C, 1] fp32 columns, or the scalars 1 and 0."""
+        if HAS_W:
+            w = tl.load(W + ch, mask=cmask, other=1.0).to(tl.float32)
+        else:
+            w = 1.0
+        if HAS_B:
+            b = tl.load(B + ch, mask=cmask, other=0.0).to(tl.float32)
+        else:
+            b = 0.0
+        return w, b
+
+    @triton.jit
+    def _merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+        # Chan's merge of (count, mean, M2): sum/sum-of-squares would cancel in fp32
+        n_ab = n_a + n_b
+        delta = mean_b - mean_a
+        return n_ab, mean_a + delta * (n_b / n_ab), m2_a + m2_b + delta * delta * (n_a * n_b / n_ab)
+
+    @triton.jit
+    def _tile_stats(x, mask, n_b):
+        mean_b = tl.sum(x) / n_b
+        d = tl.where(mask, x - mean_b, 0.0)
+        return mean_b, tl.sum(d * d)
+
+    @triton.jit
+    def _chunk_stats(x_base, c_lo, c_hi, HW, width, s_c, s_h, s_w,
+                     FLAT_HW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+        """(count, mean, M2) of channels [c_lo, c_hi) of one group, tile by tile."""
+        cs = tl.arange(0, BLOCK_C)[:, None]
+        hws = tl.arange(0, BLOCK_HW)[None, :]
+        n_a = 0.0
+        mean_a = 0.0
+        m2_a = 0.0
+        for c_start in range(c_lo, c_hi, BLOCK_C):
+            cmask = (c_start + cs) < c_hi
+            for hw_start in range(0, HW, BLOCK_HW):
+                mask = cmask & ((hw_start + hws) < HW)
+                x = _load_tile(x_base, c_start + cs, hw_start + hws, mask, width, s_c, s_h, s_w, FLAT_HW)
+                n_b = (tl.minimum(c_hi - c_start, BLOCK_C) * tl.minimum(HW - hw_start, BLOCK_HW)).to(tl.float32)
+                mean_b, m2_b = _tile_stats(x, mask, n_b)
+                n_a, mean_a, m2_a = _merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b)
+        return n_a, mean_a, m2_a
+
+    @triton.jit
+    def _bwd_tile(x_base, dy_base, c, hw, cmask, w, b, HW, width, mean, rstd,
+                  sx_c, sx_h, sx_w, sd_c, sd_h, sd_w, FLAT_HW: tl.constexpr):
+        """The one place the backward loads a tile: (xhat, dy', mask), the ReLU mask recomputed
+        from x exactly as the forward computed y."""
+        mask = cmask & (hw < HW)
+        x = _load_tile(x_base, c, hw, mask, width, sx_c, sx_h, sx_w, FLAT_HW)
+        dy = _load_tile(dy_base, c, hw, mask, width, sd_c, sd_h, sd_w, FLAT_HW)
+        xhat = (x - mean) * rstd
+        return xhat, tl.where(mask & (xhat * w + b > 0.0), dy, 0.0), mask
+
+    def _one_tile(args):
+        return args["BLOCK_C"] >= args["CPS"] and args["BLOCK_HW"] >= args["HW"]
+
+    def _fit_configs(configs, nargs, **kwargs):
+        """Clamp each config's tile to the chunk (CPS channels x HW) and drop the duplicates."""
+        p2 = triton.next_power_of_2
+        out = {}
+        for cfg in configs:
+            bc = min(cfg.kwargs["BLOCK_C"], p2(nargs["CPS"]))
+            bhw = max(min(cfg.kwargs["BLOCK_HW"], p2(nargs["HW"])), 16 // bc)  # at least 16 lanes a tile
+            warps = cfg.num_warps
+            while warps > 1 and bc * bhw < 64 * warps:  # at least two elements per thread
+                warps //= 2
+            out.setdefault((bc, bhw, warps), triton.Config({"BLOCK_C": bc, "BLOCK_HW": bhw}, num_warps=warps))
+        return list(out.values())
+
+    def _quick_bench(kernel_call, quantiles):
+        from triton.testing import do_bench
+        return do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+    # (BLOCK_C, BLOCK_HW, warps): at most 8 elements per thread, where ptxas (sm_90a) reports at most ~130
+    # registers and no spills; 16 per thread needed up to 254. Wide-channel tiles suit channels_last, long
+    # H*W tiles NCHW.
+    _GPU_TILES = [(64, 64, 16), (32, 64, 8), (32, 128, 16), (16, 128, 8), (16, 64, 8), (8, 256, 8), (4, 512, 8),
+                  (2, 1024, 8)]
+    # The interpreter would time every config (seconds each, on the CPU, per shape): one config there.
+    _INTERPRET_TILES = [(32, 128, 4)]
+
+    def _tuned(kernel, tiles, bench=_quick_bench):
+        configs = [triton.Config({"BLOCK_C": bc, "BLOCK_HW": bhw}, num_warps=w) for bc, bhw, w in tiles]
+        return triton.autotune(configs, key=["CPS", "HW", "G", "S", "sx_c", "PHASE"],
+                               prune_configs_by={"early_config_prune": _fit_configs}, do_bench=bench)(
+            triton.heuristics({"ONE_TILE": _one_tile})(kernel))
+
+    @triton.jit
     def _gn_relu_fwd_kernel(
-        X, Y, W, B, MEAN, RSTD,
-        HW, width, cpg, G, eps,
+        X, Y, W, B, MEAN, RSTD, PMEAN, PM2,
+        HW, width, cpg, G, CPS, S, eps,
         sx_n, sx_c, sx_h, sx_w,
         sy_n, sy_c, sy_h, sy_w,
         HAS_W: tl.constexpr, HAS_B: tl.constexpr, FLAT_HW: tl.constexpr,
+        PHASE: tl.constexpr,  # 0: whole group; split: 1 chunk statistics, 2 merge and write y
         BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, ONE_TILE: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        s = tl.program_id(1)
         n = pid // G
         c0 = (pid % G) * cpg
+        c_lo = s * CPS
+        c_hi = tl.minimum(c_lo + CPS, cpg)
         # int64 base offsets: N*C*H*W may exceed 2**31 even when one sample does not
         x_base = X + n.to(tl.int64) * sx_n + c0.to(tl.int64) * sx_c
         y_base = Y + n.to(tl.int64) * sy_n + c0.to(tl.int64) * sy_c
         cs = tl.arange(0, BLOCK_C)[:, None]
         hws = tl.arange(0, BLOCK_HW)[None, :]
         count = cpg * HW * 1.0  # cpg or HW may arrive as constexpr 1, so no .to()
-
-        if ONE_TILE:
-            mask = (cs < cpg) & (hws < HW)
-            x = tl.load(x_base + cs * sx_c + _hw_offsets(hws, width, sx_h, sx_w, FLAT_HW),
-                        mask=mask, other=0.0).to(tl.float32)
-            mean = tl.sum(x) / count
-            d = tl.where(mask, x - mean, 0.0)
-            var = tl.sum(d * d) / count
-            rstd = 1.0 / tl.sqrt(var + eps)
-            y = d * rstd
-            if HAS_W:
-                y = y * tl.load(W + c0 + cs, mask=cs < cpg, other=1.0).to(tl.float32)
-            if HAS_B:
-                y = y + tl.load(B + c0 + cs, mask=cs < cpg, other=0.0).to(tl.float32)
-            y = tl.maximum(y, 0.0)
-            tl.store(y_base + cs * sy_c + _hw_offsets(hws, width, sy_h, sy_w, FLAT_HW),
-                     y.to(Y.dtype.element_ty), mask=mask)
-        else:
-            # Chan's merge of per-tile (count, mean, M2): sum/sum-of-squares would cancel in fp32
+        mean = 0.0
+        rstd = 0.0
+        if PHASE == 2:
             n_a = 0.0
             mean_a = 0.0
             m2_a = 0.0
-            for c_start in range(0, cpg, BLOCK_C):
-                cmask = (c_start + cs) < cpg
-                x_c = x_base + (c_start + cs) * sx_c
-                for hw_start in range(0, HW, BLOCK_HW):
-                    mask = cmask & ((hw_start + hws) < HW)
-                    x = tl.load(x_c + _hw_offsets(hw_start + hws, width, sx_h, sx_w, FLAT_HW),
-                                mask=mask, other=0.0).to(tl.float32)
-                    n_b = (tl.minimum(cpg - c_start, BLOCK_C) * tl.minimum(HW - hw_start, BLOCK_HW)).to(tl.float32)
-                    mean_b = tl.sum(x) / n_b
-                    d = tl.where(mask, x - mean_b, 0.0)
-                    m2_b = tl.sum(d * d)
-                    delta = mean_b - mean_a
-                    n_ab = n_a + n_b
-                    mean_a = mean_a + delta * (n_b / n_ab)
-                    m2_a = m2_a + m2_b + delta * delta * (n_a * n_b / n_ab)
-                    n_a = n_ab
+            for j in range(0, S):
+                n_b = (tl.minimum(cpg - j * CPS, CPS) * HW).to(tl.float32)
+                n_a, mean_a, m2_a = _merge(n_a, mean_a, m2_a, n_b, tl.load(PMEAN + pid * S + j),
+                                           tl.load(PM2 + pid * S + j))
             mean = mean_a
             rstd = 1.0 / tl.sqrt(m2_a / count + eps)
-            for c_start in range(0, cpg, BLOCK_C):
-                cmask = (c_start + cs) < cpg
-                x_c = x_base + (c_start + cs) * sx_c
-                y_c = y_base + (c_start + cs) * sy_c
-                if HAS_W:
-                    w = tl.load(W + c0 + c_start + cs, mask=cmask, other=1.0).to(tl.float32)
-                if HAS_B:
-                    b = tl.load(B + c0 + c_start + cs, mask=cmask, other=0.0).to(tl.float32)
-                for hw_start in range(0, HW, BLOCK_HW):
-                    mask = cmask & ((hw_start + hws) < HW)
-                    x = tl.load(x_c + _hw_offsets(hw_start + hws, width, sx_h, sx_w, FLAT_HW),
-                                mask=mask, other=0.0).to(tl.float32)
-                    y = (x - mean) * rstd
-                    if HAS_W:
-                        y = y * w
-                    if HAS_B:
-                        y = y + b
-                    y = tl.maximum(y, 0.0)
-                    tl.store(y_c + _hw_offsets(hw_start + hws, width, sy_h, sy_w, FLAT_HW),
-                             y.to(Y.dtype.element_ty), mask=mask)
-        tl.store(MEAN + pid, mean)
-        tl.store(RSTD + pid, rstd)
 
-# ---------------------------------------------------------------------------------------------
-# Backward kernel
-# ---------------------------------------------------------------------------------------------
-if triton is not None:
+        if ONE_TILE:  # the chunk fits one tile: load it once, keep it in registers
+            cmask = (c_lo + cs) < c_hi
+            mask = cmask & (hws < HW)
+            x = _load_tile(x_base, c_lo + cs, hws, mask, width, sx_c, sx_h, sx_w, FLAT_HW)
+            if PHASE != 2:
+                n_b = ((c_hi - c_lo) * HW).to(tl.float32)
+                mean_b, m2_b = _tile_stats(x, mask, n_b)
+                if PHASE == 1:
+                    tl.store(PMEAN + pid * S + s, mean_b)
+                    tl.store(PM2 + pid * S + s, m2_b)
+                else:
+                    mean = mean_b
+                    rstd = 1.0 / tl.sqrt(m2_b / count + eps)
+            if PHASE != 1:
+                w, b = _affine(W, B, c0 + c_lo + cs, cmask, HAS_W, HAS_B)
+                y = tl.maximum((x - mean) * rstd * w + b, 0.0)
+                _store_tile(y_base, c_lo + cs, hws, mask, width, sy_c, sy_h, sy_w, y, FLAT_HW)
+        else:
+            if PHASE != 2:
+                n_a, mean_a, m2_a = _chunk_stats(x_base, c_lo, c_hi, HW, width, sx_c, sx_h, sx_w,
+                                                 FLAT_HW, BLOCK_C, BLOCK_HW)
+                if PHASE == 1:
+                    tl.store(PMEAN + pid * S + s, mean_a)
+                    tl.store(PM2 + pid * S + s, m2_a)
+                else:
+                    mean = mean_a
+                    rstd = 1.0 / tl.sqrt(m2_a / count + eps)
+            if PHASE != 1:
+                for c_start in range(c_lo, c_hi, BLOCK_C):
+                    cmask = (c_start + cs) < c_hi
+                    w, b = _affine(W, B, c0 + c_start + cs, cmask, HAS_W, HAS_B)
+                    for hw_start in range(0, HW, BLOCK_HW):
+                        mask = cmask & ((hw_start + hws) < HW)
+                        x = _load_tile(x_base, c_start + cs, hw_start + hws, mask, width, sx_c, sx_h, sx_w, FLAT_HW)
+                        y = tl.maximum((x - mean) * rstd * w + b, 0.0)
+                        _store_tile(y_base, c_start + cs, hw_start + hws, mask, width, sy_c, sy_h, sy_w, y, FLAT_HW)
+        if PHASE != 1:
+            if s == 0:
+                tl.store(MEAN + pid, mean)
+                tl.store(RSTD + pid, rstd)
 
     @triton.jit
     def _gn_relu_bwd_kernel(
-        X, DY, DX, W, B, MEAN, RSTD, DWP, DBP,
-        C, HW, width, cpg, G,
+        X, DY, DX, W, B, MEAN, RSTD, DWP, DBP, S1P, S2P,
+        C, HW, width, cpg, G, CPS, S,
         sx_n, sx_c, sx_h, sx_w,
         sd_n, sd_c, sd_h, sd_w,
         sg_n, sg_c, sg_h, sg_w,
         HAS_W: tl.constexpr, HAS_B: tl.constexpr, STORE_DW: tl.constexpr, STORE_DB: tl.constexpr,
         COMPUTE_DX: tl.constexpr, FLAT_HW: tl.constexpr,
+        PHASE: tl.constexpr,  # 0: whole group; split: 1 chunk sums (and dw, db), 2 merge and write dx
         BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, ONE_TILE: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        s = tl.program_id(1)
         n = pid // G
         c0 = (pid % G) * cpg
+        c_lo = s * CPS
+        c_hi = tl.minimum(c_lo + CPS, cpg)
         x_base = X + n.to(tl.int64) * sx_n + c0.to(tl.int64) * sx_c
         dy_base = DY + n.to(tl.int64) * sd_n + c0.to(tl.int64) * sd_c
         dx_base = DX + n.to(tl.int64) * sg_n + c0.to(tl.int64) * sg_c
@@ -163,22 +257,11 @@ if triton is not None:
         mean = tl.load(MEAN + pid)
         rstd = tl.load(RSTD + pid)
 
-        if ONE_TILE:
+        if ONE_TILE and PHASE == 0:  # the whole group in one tile: x and dy are read once
             cmask = cs < cpg
-            mask = cmask & (hws < HW)
-            x = tl.load(x_base + cs * sx_c + _hw_offsets(hws, width, sx_h, sx_w, FLAT_HW),
-                        mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(dy_base + cs * sd_c + _hw_offsets(hws, width, sd_h, sd_w, FLAT_HW),
-                         mask=mask, other=0.0).to(tl.float32)
-            xhat = (x - mean) * rstd
-            pre = xhat
-            if HAS_W:
-                w = tl.load(W + c0 + cs, mask=cmask, other=1.0).to(tl.float32)
-                pre = pre * w
-            if HAS_B:
-                pre = pre + tl.load(B + c0 + cs, mask=cmask, other=0.0).to(tl.float32)
-            # the mask is recomputed from x exactly as the forward computed y
-            gy = tl.where(mask & (pre > 0.0), dy, 0.0)
+            w, b = _affine(W, B, c0 + cs, cmask, HAS_W, HAS_B)
+            xhat, gy, mask = _bwd_tile(x_base, dy_base, cs, hws, cmask, w, b, HW, width, mean, rstd,
+                                       sx_c, sx_h, sx_w, sd_c, sd_h, sd_w, FLAT_HW)
             db_c = tl.sum(gy, axis=1, keep_dims=True)
             dw_c = tl.sum(gy * xhat, axis=1, keep_dims=True)
             if STORE_DB:
@@ -186,90 +269,55 @@ if triton is not None:
             if STORE_DW:
                 tl.store(DWP + part + cs, dw_c, mask=cmask)
             if COMPUTE_DX:
-                if HAS_W:
-                    s1 = tl.sum(db_c * w) / count
-                    s2 = tl.sum(dw_c * w) / count
-                    dx = (gy * w - s1 - xhat * s2) * rstd
-                else:
-                    s1 = tl.sum(db_c) / count
-                    s2 = tl.sum(dw_c) / count
-                    dx = (gy - s1 - xhat * s2) * rstd
-                tl.store(dx_base + cs * sg_c + _hw_offsets(hws, width, sg_h, sg_w, FLAT_HW),
-                         dx.to(DX.dtype.element_ty), mask=mask)
+                s1 = tl.sum(db_c * w) / count
+                s2 = tl.sum(dw_c * w) / count
+                _store_tile(dx_base, cs, hws, mask, width, sg_c, sg_h, sg_w, (gy * w - s1 - xhat * s2) * rstd, FLAT_HW)
         else:
-            # pass 1: per-channel sums of dy' and dy'*xhat; the group sums follow from them
             s1 = 0.0
             s2 = 0.0
-            for c_start in range(0, cpg, BLOCK_C):
-                cmask = (c_start + cs) < cpg
-                x_c = x_base + (c_start + cs) * sx_c
-                dy_c = dy_base + (c_start + cs) * sd_c
-                if HAS_W:
-                    w = tl.load(W + c0 + c_start + cs, mask=cmask, other=1.0).to(tl.float32)
-                if HAS_B:
-                    b = tl.load(B + c0 + c_start + cs, mask=cmask, other=0.0).to(tl.float32)
-                db_c = tl.zeros([BLOCK_C, 1], dtype=tl.float32)
-                dw_c = tl.zeros([BLOCK_C, 1], dtype=tl.float32)
-                for hw_start in range(0, HW, BLOCK_HW):
-                    mask = cmask & ((hw_start + hws) < HW)
-                    x = tl.load(x_c + _hw_offsets(hw_start + hws, width, sx_h, sx_w, FLAT_HW),
-                                mask=mask, other=0.0).to(tl.float32)
-                    dy = tl.load(dy_c + _hw_offsets(hw_start + hws, width, sd_h, sd_w, FLAT_HW),
-                                 mask=mask, other=0.0).to(tl.float32)
-                    xhat = (x - mean) * rstd
-                    pre = xhat
-                    if HAS_W:
-                        pre = pre * w
-                    if HAS_B:
-                        pre = pre + b
-                    gy = tl.where(mask & (pre > 0.0), dy, 0.0)
-                    db_c += tl.sum(gy, axis=1, keep_dims=True)
-                    dw_c += tl.sum(gy * xhat, axis=1, keep_dims=True)
-                if STORE_DB:
-                    tl.store(DBP + part + c_start + cs, db_c, mask=cmask)
-                if STORE_DW:
-                    tl.store(DWP + part + c_start + cs, dw_c, mask=cmask)
-                if HAS_W:
+            if PHASE != 2:  # per-channel sums of dy' and dy'*xhat; the group sums follow from them
+                for c_start in range(c_lo, c_hi, BLOCK_C):
+                    cmask = (c_start + cs) < c_hi
+                    db_c = tl.zeros([BLOCK_C, 1], dtype=tl.float32)
+                    dw_c = tl.zeros([BLOCK_C, 1], dtype=tl.float32)
+                    w, b = _affine(W, B, c0 + c_start + cs, cmask, HAS_W, HAS_B)
+                    for hw_start in range(0, HW, BLOCK_HW):
+                        xhat, gy, mask = _bwd_tile(x_base, dy_base, c_start + cs, hw_start + hws, cmask, w, b, HW,
+                                                   width, mean, rstd, sx_c, sx_h, sx_w, sd_c, sd_h, sd_w, FLAT_HW)
+                        db_c += tl.sum(gy, axis=1, keep_dims=True)
+                        dw_c += tl.sum(gy * xhat, axis=1, keep_dims=True)
+                    if STORE_DB:
+                        tl.store(DBP + part + c_start + cs, db_c, mask=cmask)
+                    if STORE_DW:
+                        tl.store(DWP + part + c_start + cs, dw_c, mask=cmask)
                     s1 += tl.sum(db_c * w)
                     s2 += tl.sum(dw_c * w)
-                else:
-                    s1 += tl.sum(db_c)
-                    s2 += tl.sum(dw_c)
-            # pass 2: dx; x and dy are read again (from L2 when the group is small enough)
-            if COMPUTE_DX:
+                if PHASE == 1:
+                    tl.store(S1P + pid * S + s, s1)
+                    tl.store(S2P + pid * S + s, s2)
+            if PHASE == 2:
+                for j in range(0, S):
+                    s1 += tl.load(S1P + pid * S + j)
+                    s2 += tl.load(S2P + pid * S + j)
+            if COMPUTE_DX and PHASE != 1:  # x and dy are read again (from L2 when the chunk is small enough)
                 s1 = s1 / count
                 s2 = s2 / count
-                for c_start in range(0, cpg, BLOCK_C):
-                    cmask = (c_start + cs) < cpg
-                    x_c = x_base + (c_start + cs) * sx_c
-                    dy_c = dy_base + (c_start + cs) * sd_c
-                    dx_c = dx_base + (c_start + cs) * sg_c
-                    if HAS_W:
-                        w = tl.load(W + c0 + c_start + cs, mask=cmask, other=1.0).to(tl.float32)
-                    if HAS_B:
-                        b = tl.load(B + c0 + c_start + cs, mask=cmask, other=0.0).to(tl.float32)
+                for c_start in range(c_lo, c_hi, BLOCK_C):
+                    cmask = (c_start + cs) < c_hi
+                    w, b = _affine(W, B, c0 + c_start + cs, cmask, HAS_W, HAS_B)
                     for hw_start in range(0, HW, BLOCK_HW):
-                        mask = cmask & ((hw_start + hws) < HW)
-                        x = tl.load(x_c + _hw_offsets(hw_start + hws, width, sx_h, sx_w, FLAT_HW),
-                                    mask=mask, other=0.0).to(tl.float32)
-                        dy = tl.load(dy_c + _hw_offsets(hw_start + hws, width, sd_h, sd_w, FLAT_HW),
-                                     mask=mask, other=0.0).to(tl.float32)
-                        xhat = (x - mean) * rstd
-                        pre = xhat
-                        if HAS_W:
-                            pre = pre * w
-                        if HAS_B:
-                            pre = pre + b
-                        gy = tl.where(mask & (pre > 0.0), dy, 0.0)
-                        if HAS_W:
-                            gy = gy * w
-                        dx = (gy - s1 - xhat * s2) * rstd
-                        tl.store(dx_c + _hw_offsets(hw_start + hws, width, sg_h, sg_w, FLAT_HW),
-                                 dx.to(DX.dtype.element_ty), mask=mask)
+                        xhat, gy, mask = _bwd_tile(x_base, dy_base, c_start + cs, hw_start + hws, cmask, w, b, HW,
+                                                   width, mean, rstd, sx_c, sx_h, sx_w, sd_c, sd_h, sd_w, FLAT_HW)
+                        _store_tile(dx_base, c_start + cs, hw_start + hws, mask, width, sg_c, sg_h, sg_w,
+                                    (gy * w - s1 - xhat * s2) * rstd, FLAT_HW)
+
+    _TILES = _INTERPRET_TILES if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else _GPU_TILES
+    _fwd_tuned = _tuned(_gn_relu_fwd_kernel, _TILES)
+    _bwd_tuned = _tuned(_gn_relu_bwd_kernel, _TILES)
 
 
 # ---------------------------------------------------------------------------------------------
-# Host wrappers (launch the kernels; no autograd here)
+# Launchers (no autograd here)
 # ---------------------------------------------------------------------------------------------
 def _empty_like(x):
     # preserve_format: a dense NCHW or channels_last input gets an output with the same strides
@@ -291,29 +339,378 @@ def _hw_strides(t):
     return sn, sc, sh, sw, sh == W * sw
 
 
-def _blocks(cpg, hw, blocks=None, channels_fast=False):
-    """(BLOCK_C, BLOCK_HW, ONE_TILE, num_warps); `blocks` forces the tile (tests use it).
+_SMS = {}
 
-    channels_fast: channel stride 1 (channels_last), so tiles span many channels; otherwise tiles
-    run along H*W (NCHW), where wide channel blocks cost registers and buy no contiguity.
+
+def _sm_count(device):
+    """Streaming multiprocessors of a CUDA device (cached); 1 elsewhere, so the CPU never splits by itself."""
+    if device.type != "cuda":
+        return 1
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
+
+
+def _split(N, G, cpg, hw, sms):
+    """(S, CPS): chunks per group and channels per chunk. A group is split only when N*G programs
+    are fewer than two per SM, into power-of-two channel chunks of at least _MIN_SPLIT_ELEMS (the last
+    chunk may be smaller)."""
+    if N * G >= 2 * sms or cpg < 2:
+        return 1, cpg
+    want = -(-2 * sms // (N * G))
+    cps = max(-(-cpg // want), -(-_MIN_SPLIT_ELEMS // hw), 1)
+    cps = 1 << (cps - 1).bit_length()
+    if cps >= cpg:
+        return 1, cpg
+    return -(-cpg // cps), cps
+
+
+def _launch(tuned, grid, args, kwargs, blocks):
+    if blocks is None:
+        tuned[grid](*args, **kwargs)
+    else:  # a forced tile (tests, the self-check): skip the tuner, keep the ONE_TILE heuristic
+        tuned.fn[grid](*args, **kwargs, BLOCK_C=blocks[0], BLOCK_HW=blocks[1], num_warps=4)
+
+
+def _forward(x, num_groups, weight=None, bias=None, eps=1e-5, blocks=None, split=None):
+    """Run the forward kernel(s); returns (y, mean, rstd) with mean/rstd fp32 of shape [N, G].
+    blocks=(BLOCK_C, BLOCK_HW) forces a tile, split=(S, CPS) a split (tests and the self-check)."""
+    N, C, H, W = x.shape
+    G = num_groups
+    cpg, hw = C // G, H * W
+    y = _empty_like(x)
+    mean = _empty((N, G), torch.float32, x.device)
+    rstd = _empty((N, G), torch.float32, x.device)
+    if x.numel() == 0:
+        return y, mean.zero_(), rstd.zero_()
+    S, cps = split or _split(N, G, cpg, hw, _sm_count(x.device))
+    sx, sy = _hw_strides(x), _hw_strides(y)
+    part = _empty((N * G * S,), torch.float32, x.device) if S > 1 else mean
+    part2 = _empty((N * G * S,), torch.float32, x.device) if S > 1 else rstd
+    args = (x, y, weight if weight is not None else x, bias if bias is not None else x, mean, rstd, part, part2,
+            hw, W, cpg, G, cps, S, float(eps), *sx[:4], *sy[:4])
+    kw = dict(HAS_W=weight is not None, HAS_B=bias is not None, FLAT_HW=sx[4] and sy[4])
+    for phase in ((1, 2) if S > 1 else (0,)):
+        _launch(_fwd_tuned, (N * G, S), args, {**kw, "PHASE": phase}, blocks)
+    return y, mean, rstd
+
+
+def _backward(dy, x, mean, rstd, num_groups, weight=None, bias=None,
+              needs_dx=True, needs_dw=True, needs_db=True, blocks=None, split=None):
+    """Run the backward kernel(s); returns (dx, dw, db), None for what was not asked for.
+    dy may have any strides (e.g. NCHW while x is channels_last, or expanded): no copy is made."""
+    N, C, H, W = x.shape
+    G = num_groups
+    cpg, hw = C // G, H * W
+    needs_dw = needs_dw and weight is not None
+    needs_db = needs_db and bias is not None
+    dx = _empty_like(x) if needs_dx else None
+    dwp = _empty((N, C), torch.float32, x.device) if needs_dw else None
+    dbp = _empty((N, C), torch.float32, x.device) if needs_db else None
+    if x.numel() == 0:
+        zeros = lambda p: torch.zeros_like(p) if p is not None else None  # noqa: E731
+        return dx, zeros(weight) if needs_dw else None, zeros(bias) if needs_db else None
+    if needs_dx or needs_dw or needs_db:
+        S, cps = split or _split(N, G, cpg, hw, _sm_count(x.device))
+        sx, sd = _hw_strides(x), _hw_strides(dy)
+        sg = _hw_strides(dx) if needs_dx else sx
+        s1p = _empty((N * G * S,), torch.float32, x.device) if S > 1 else mean
+        s2p = _empty((N * G * S,), torch.float32, x.device) if S > 1 else rstd
+        args = (x, dy, dx if needs_dx else x, weight if weight is not None else x, bias if bias is not None else x,
+                mean, rstd, dwp if needs_dw else mean, dbp if needs_db else mean, s1p, s2p,
+                C, hw, W, cpg, G, cps, S, *sx[:4], *sd[:4], *sg[:4])
+        kw = dict(HAS_W=weight is not None, HAS_B=bias is not None, STORE_DW=needs_dw, STORE_DB=needs_db,
+                  COMPUTE_DX=needs_dx, FLAT_HW=sx[4] and sd[4] and sg[4])
+        for phase in ((1, 2) if S > 1 and needs_dx else (1,) if S > 1 else (0,)):
+            _launch(_bwd_tuned, (N * G, S), args, {**kw, "PHASE": phase}, blocks)
+    dw = dwp.sum(0).to(weight.dtype) if needs_dw else None
+    db = dbp.sum(0).to(bias.dtype) if needs_db else None
+    return dx, dw, db
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch implementation of the same op: same outputs (y in x's dtype and layout, fp32 statistics
+# for fp32/fp16/bf16, float64 for float64), same backward formula
+# ---------------------------------------------------------------------------------------------
+def _compute_dtype(dtype):
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _torch_xhat_pre(x, mean, rstd, G, weight, bias):
+    N, C, H, W = x.shape
+    xg = x.to(mean.dtype).reshape(N, G, -1)
+    xhat = ((xg - mean[..., None]) * rstd[..., None]).reshape(N, C, H, W)
+    pre = xhat
+    if weight is not None:
+        pre = pre * weight.to(mean.dtype).view(1, C, 1, 1)
+    if bias is not None:
+        pre = pre + bias.to(mean.dtype).view(1, C, 1, 1)
+    return xhat, pre
+
+
+def _into(x, t):
+    """t in x's dtype and laid out like the kernels' outputs (empty_like(x, preserve_format))."""
+    if t.dtype == x.dtype and t.stride() == x.stride():
+        return t
+    return torch.empty_like(x, memory_format=torch.preserve_format).copy_(t)
+
+
+def _torch_forward(x, G, weight, bias, eps):
+    N = x.shape[0]
+    var, mean = torch.var_mean(x.to(_compute_dtype(x.dtype)).reshape(N, G, -1), dim=-1, correction=0)
+    rstd = torch.rsqrt(var + eps)
+    return _into(x, _torch_xhat_pre(x, mean, rstd, G, weight, bias)[1].relu_()), mean, rstd
+
+
+def _torch_backward(dy, x, mean, rstd, G, weight, bias, needs_dx, needs_dw, needs_db):
+    N, C, H, W = x.shape
+    xhat, pre = _torch_xhat_pre(x, mean, rstd, G, weight, bias)
+    gy = dy.to(mean.dtype) * (pre > 0)
+    dw = (gy * xhat).sum((0, 2, 3)).to(weight.dtype) if needs_dw and weight is not None else None
+    db = gy.sum((0, 2, 3)).to(bias.dtype) if needs_db and bias is not None else None
+    dx = None
+    if needs_dx:
+        dxh = (gy * weight.to(mean.dtype).view(1, C, 1, 1) if weight is not None else gy).reshape(N, G, -1)
+        xh = xhat.reshape(N, G, -1)
+        dx = rstd[..., None] * (dxh - dxh.mean(-1, keepdim=True) - xh * (dxh * xh).mean(-1, keepdim=True))
+        dx = _into(x, dx.reshape(N, C, H, W))
+    return dx, dw, db
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing: Triton or torch, per (device type, dtype, memory format), decided once
+# ---------------------------------------------------------------------------------------------
+def _kernels_interpreted():
+    # triton's own jit'd helpers (tl.sum's combine function) are fixed when triton is imported: imported before
+    # TRITON_INTERPRET was set, they fail inside an interpreted kernel, so the torch path must be taken then
+    from triton.language import standard
+    from triton.runtime.interpreter import InterpretedFunction
+    helper = getattr(standard, "_sum_combine", None)
+    return isinstance(_gn_relu_fwd_kernel, InterpretedFunction) and \
+        (helper is None or isinstance(helper, InterpretedFunction))
+
+
+_INTERPRETED = triton is not None and _kernels_interpreted()
+_ENV = {}      # environment read once: {"disable": bool, "interpret": bool}
+_ROUTES = {}   # (device type, dtype, channels_last) -> "triton" | "torch" | "error: ..."
+_STATUS = {}   # key -> "ok" | "mismatch: ..." | "unavailable: ..." (verify_kernel's results)
+
+
+def _reset_routes():
+    """Forget the environment and the routes derived from it (tests that change the environment use this).
+    Verification results are kept: a kernel that disagreed with torch stays disabled for the process."""
+    _ENV.clear()
+    _ROUTES.clear()
+
+
+def _env():
+    if not _ENV:
+        on = lambda name: os.environ.get(name, "0") not in ("", "0")  # noqa: E731
+        _ENV.update(disable=on("FASTCIFAR_KERNELS_DISABLE"), interpret=on("TRITON_INTERPRET"))
+    return _ENV
+
+
+def _key(device_type, dtype, channels_last):
+    return f"{device_type}/{str(dtype).removeprefix('torch.')}/{'channels_last' if channels_last else 'contiguous'}"
+
+
+def _tensor_key(x):
+    """(device type, dtype, channels_last): a tuple, so the per-call lookup formats no string."""
+    return x.device.type, x.dtype, x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _dtype_gate(dtype, capability):
+    """None if the compiled kernels handle dtype on a CUDA device of this capability, else why not."""
+    if dtype == torch.bfloat16 and capability < (8, 0):
+        return (f"bfloat16 needs a GPU of compute capability 8.0 or newer for the fused GroupNorm+ReLU kernel "
+                f"(this one is sm_{capability[0]}{capability[1]}); use float16, or FASTCIFAR_KERNELS_DISABLE=1")
+    return None
+
+
+def _static_route(device, dtype):
+    """"triton", "torch" or "error: ..." for a device and dtype, before any self-check."""
+    if triton is None or _env()["disable"] or dtype not in _FUSED_DTYPES:
+        return "torch"
+    if device.type == "cuda":
+        if not torch.cuda.is_available() or _INTERPRETED:
+            return "torch"
+        why = _dtype_gate(dtype, torch.cuda.get_device_capability(device))
+        return "error: " + why if why else "triton"
+    if device.type == "cpu":  # interpreted kernels, and the interpreter still asked for; it has no bf16
+        return "triton" if _INTERPRETED and _env()["interpret"] and dtype != torch.bfloat16 else "torch"
+    return "torch"
+
+
+def _route(x):
+    key = _tensor_key(x)
+    route = _ROUTES.get(key)
+    if route is None:
+        route = _static_route(x.device, x.dtype)
+        if route == "triton" and _key(*key) not in _STATUS and x.device.type == "cuda" \
+                and torch.cuda.is_current_stream_capturing():
+            return "torch"  # first use inside a CUDA graph capture: no self-check possible here, nothing cached
+        if route == "triton" and not verify_kernel(x.device, x.dtype, key[2]):
+            route = "torch"
+        _ROUTES[key] = route
+    if route.startswith("error: "):
+        raise RuntimeError(route[len("error: "):])
+    return route
+
+
+def fused_available(x_or_device=None) -> bool:
+    """True when group_norm_relu will run the Triton kernels for this tensor (or device: for some dtype).
+
+    CUDA: needs triton. CPU: needs TRITON_INTERPRET=1, both when this module was imported (triton
+    decides at definition time) and when first used. A tensor's dtype must be fp32/fp16/bf16 (bf16
+    on CUDA from sm80; the interpreter has none). FASTCIFAR_KERNELS_DISABLE=1 turns it off. False too
+    for a key whose self-check failed. The environment is read once per process.
     """
-    p2 = triton.next_power_of_2
-    if blocks is not None:
-        bc, bhw = blocks
-        one = bc >= cpg and bhw >= hw
-    elif p2(cpg) * p2(hw) <= _ONE_TILE_MAX:
-        bc, bhw, one = p2(cpg), p2(hw), True
-    elif channels_fast:
-        bc = min(p2(cpg), 32)
-        bhw, one = min(p2(hw), _LOOP_TILE // bc), False
-    else:
-        bhw = min(p2(hw), _LOOP_TILE)
-        bc, one = min(p2(cpg), max(1, _LOOP_TILE // bhw), 4), False
-    bhw = max(bhw, 16 // bc)  # keep at least 16 lanes per tile
-    num_warps = 16 if bc * bhw >= 4096 else 8 if bc * bhw >= 2048 else 4
-    return bc, bhw, one, num_warps
+    if isinstance(x_or_device, Tensor):
+        key = _key(*_tensor_key(x_or_device))
+        return _static_route(x_or_device.device, x_or_device.dtype) == "triton" and \
+            _STATUS.get(key, "ok") == "ok"
+    dev = torch.device("cuda" if x_or_device is None else x_or_device)
+    return dev.type in ("cuda", "cpu") and _static_route(dev, torch.float32) == "triton"
 
 
+# ---------------------------------------------------------------------------------------------
+# Self-check: the kernels against F.group_norm + F.relu before they are trusted
+# ---------------------------------------------------------------------------------------------
+_VERIFY_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def _rel_err(got, want):
+    return ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-6)).item()
+
+
+def _self_check(device, dtype, channels_last):
+    """"ok" or "mismatch: ..." after running the forward and backward launchers on small inputs: one
+    tile, the tiled loops, and the split path, each against aten's own group norm forward and backward."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    N, C, H, W, G = 2, 8, 3, 5, 2  # small: under the interpreter every tile costs milliseconds
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = (torch.randn(N, C, H, W, generator=g) * 2 + 0.5).to(device, dtype).to(memory_format=fmt)
+    dy = torch.randn(N, C, H, W, generator=g).to(device, dtype).to(memory_format=fmt)
+    w = (1 + 0.2 * torch.randn(C, generator=g)).to(device, dtype)
+    b = (0.1 * torch.randn(C, generator=g)).to(device, dtype)
+    # aten's kernels directly (F.group_norm's forward and its autograd formula): this may run inside the op,
+    # below autograd
+    xf, wf, bf = x.float(), w.float(), b.float()
+    pre, mean, rstd = torch.ops.aten.native_group_norm(xf, wf, bf, N, C, H * W, G, 1e-5)
+    gy = dy.float() * (pre > 0)
+    ref_dx, ref_dw, ref_db = torch.ops.aten.native_group_norm_backward(
+        gy, xf, mean, rstd, wf, N, C, H * W, G, [True, True, True])
+    want = {"y": pre.relu(), "dx": ref_dx, "dw": ref_dw, "db": ref_db}
+    worst, where = 0.0, ""
+    for name, blocks, split in (("one tile", (4, 16), (1, C // G)), ("tiled loops", (2, 8), (1, C // G)),
+                                ("split", (2, 8), (2, 2))):
+        y, m, r = _forward(x, G, w, b, 1e-5, blocks=blocks, split=split)
+        dx, dw, db = _backward(dy, x, m, r, G, w, b, blocks=blocks, split=split)
+        for k, got in (("y", y), ("dx", dx), ("dw", dw), ("db", db)):
+            err = _rel_err(got, want[k]) if bool(torch.isfinite(got).all()) else float("inf")
+            if not err <= worst:
+                worst, where = err, f"{k}, {name}"
+    if worst > _VERIFY_TOL[dtype]:
+        return f"mismatch: max relative error {worst:.3g} in {where} (tolerance {_VERIFY_TOL[dtype]:g})"
+    return "ok"
+
+
+def verify_kernel(device, dtype=torch.float32, channels_last=True, strict=False) -> bool:
+    """Check the Triton forward and backward against F.group_norm + F.relu on a small input, once per
+    process per (device type, dtype, memory format); True when they agree.
+
+    A disagreement warns once (RuntimeWarning with the max error), and from then on group_norm_relu and
+    GroupNormReLU take the torch path for that key. strict=True raises RuntimeError instead of returning
+    False (also when the kernels cannot run there at all). Call it eagerly, before torch.compile.
+    """
+    dev = torch.device(device)
+    key = _key(dev.type, dtype, channels_last)
+    status = _STATUS.get(key)
+    if status is None:
+        route = _static_route(dev, dtype)
+        if route.startswith("error: "):
+            raise RuntimeError(route[len("error: "):])
+        if route != "triton":
+            status = f"unavailable: the Triton kernels do not run for {key} here"
+        else:
+            try:
+                status = _self_check(dev, dtype, channels_last)
+            except Exception as e:  # noqa: BLE001 - a kernel that cannot compile or launch is a failed check too
+                status = f"mismatch: the kernels raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            if status != "ok":
+                warnings.warn(f"fastcifar_kernels: the fused GroupNorm+ReLU kernel disagrees with torch on {key} "
+                              f"({status}); using the torch implementation there", RuntimeWarning, stacklevel=2)
+            _ROUTES.clear()
+        if route == "triton":  # "unavailable" is not cached: the environment may still change
+            _STATUS[key] = status
+    if status != "ok" and strict:
+        raise RuntimeError(f"fused GroupNorm+ReLU kernel on {key}: {status}")
+    return status == "ok"
+
+
+def kernel_status() -> dict:
+    """Results of verify_kernel so far, e.g. {"cuda/bfloat16/channels_last": "ok"}."""
+    return dict(_STATUS)
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch.library op and its autograd: what eager and torch.compile both call
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastcifar_kernels::group_norm_relu", mutates_args=())
+def _op(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+        eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    if _route(x) == "triton":
+        return _forward(x, num_groups, weight, bias, eps)
+    return _torch_forward(x, num_groups, weight, bias, eps)
+
+
+@_op.register_fake
+def _(x, num_groups, weight, bias, eps):
+    stats = x.new_empty((x.shape[0], num_groups), dtype=_compute_dtype(x.dtype))
+    return torch.empty_like(x, memory_format=torch.preserve_format), stats, stats.clone()
+
+
+@torch.library.custom_op("fastcifar_kernels::group_norm_relu_backward", mutates_args=())
+def _bwd_op(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, num_groups: int, weight: Optional[Tensor],
+            bias: Optional[Tensor], needs_dx: bool, needs_dw: bool, needs_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+    run = _backward if _route(x) == "triton" else _torch_backward
+    dx, dw, db = run(dy, x, mean, rstd, num_groups, weight, bias, needs_dx, needs_dw, needs_db)
+    # an op cannot return None: empty tensors stand in for grads nobody asked for
+    none = lambda: x.new_empty((0,))  # noqa: E731
+    return (dx if dx is not None else none(), dw if dw is not None else none(),
+            db if db is not None else none())
+
+
+@_bwd_op.register_fake
+def _(dy, x, mean, rstd, num_groups, weight, bias, needs_dx, needs_dw, needs_db):
+    def like(t, need):
+        return torch.empty_like(t, memory_format=torch.preserve_format) if need and t is not None else x.new_empty((0,))
+    return like(x, needs_dx), like(weight, needs_dw), like(bias, needs_db)
+
+
+def _setup_context(ctx, inputs, output):
+    x, num_groups, weight, bias, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, mean, rstd)  # x, not xhat or y
+    ctx.num_groups = num_groups
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward_rule(ctx, dy, _dmean, _drstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    needs_dx, _, needs_dw, needs_db, _ = ctx.needs_input_grad
+    needs_dw, needs_db = needs_dw and weight is not None, needs_db and bias is not None
+    dx, dw, db = _bwd_op(dy, x, mean, rstd, ctx.num_groups, weight, bias, needs_dx, needs_dw, needs_db)
+    return dx if needs_dx else None, None, dw if needs_dw else None, db if needs_db else None, None
+
+
+_op.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Functional entry point and nn.Module
+# ---------------------------------------------------------------------------------------------
 def _check_args(x, num_groups, weight, bias):
     if not isinstance(x, Tensor) or x.dim() != 4:
         raise ValueError(f"group_norm_relu expects a 4-D (N, C, H, W) tensor, got "
@@ -328,195 +725,17 @@ def _check_args(x, num_groups, weight, bias):
             raise ValueError(f"{name} must have shape ({C},), got {tuple(p.shape)}")
 
 
-def _forward(x, num_groups, weight=None, bias=None, eps=1e-5, out=None, blocks=None):
-    """Run the forward kernel; returns (y, mean, rstd) with mean/rstd fp32 of shape [N, G]."""
-    N, C, H, W = x.shape
-    G = num_groups
-    cpg, hw = C // G, H * W
-    y = _empty_like(x) if out is None else out
-    mean = _empty((N, G), torch.float32, x.device)
-    rstd = _empty((N, G), torch.float32, x.device)
-    if x.numel() == 0:
-        return y, mean.zero_(), rstd.zero_()
-    sx, sy = _hw_strides(x), _hw_strides(y)
-    bc, bhw, one, num_warps = _blocks(cpg, hw, blocks, channels_fast=sx[1] == 1 and C > 1)
-    _gn_relu_fwd_kernel[(N * G,)](
-        x, y, weight if weight is not None else x, bias if bias is not None else x, mean, rstd,
-        hw, W, cpg, G, float(eps),
-        *sx[:4], *sy[:4],
-        HAS_W=weight is not None, HAS_B=bias is not None, FLAT_HW=sx[4] and sy[4],
-        BLOCK_C=bc, BLOCK_HW=bhw, ONE_TILE=one, num_warps=num_warps,
-    )
-    return y, mean, rstd
-
-
-def _backward(dy, x, mean, rstd, num_groups, weight=None, bias=None,
-              needs_dx=True, needs_dw=True, needs_db=True, out=None, blocks=None):
-    """Run the backward kernel; returns (dx, dw, db), None for what was not asked for.
-
-    dy may have any strides (e.g. NCHW while x is channels_last, or expanded): no copy is made.
-    """
-    N, C, H, W = x.shape
-    G = num_groups
-    cpg, hw = C // G, H * W
-    needs_dw = needs_dw and weight is not None
-    needs_db = needs_db and bias is not None
-    dx = (_empty_like(x) if out is None else out) if needs_dx else None
-    dwp = _empty((N, C), torch.float32, x.device) if needs_dw else None
-    dbp = _empty((N, C), torch.float32, x.device) if needs_db else None
-    if x.numel() == 0:
-        zeros = lambda p: torch.zeros_like(p) if p is not None else None  # noqa: E731
-        return dx, zeros(weight) if needs_dw else None, zeros(bias) if needs_db else None
-    if needs_dx or needs_dw or needs_db:
-        sx, sd = _hw_strides(x), _hw_strides(dy)
-        sg = _hw_strides(dx) if needs_dx else sx
-        bc, bhw, one, num_warps = _blocks(cpg, hw, blocks, channels_fast=sx[1] == 1 and C > 1)
-        _gn_relu_bwd_kernel[(N * G,)](
-            x, dy, dx if needs_dx else x,
-            weight if weight is not None else x, bias if bias is not None else x, mean, rstd,
-            dwp if needs_dw else mean, dbp if needs_db else mean,
-            C, hw, W, cpg, G,
-            *sx[:4], *sd[:4], *sg[:4],
-            HAS_W=weight is not None, HAS_B=bias is not None, STORE_DW=needs_dw, STORE_DB=needs_db,
-            COMPUTE_DX=needs_dx, FLAT_HW=sx[4] and sd[4] and sg[4],
-            BLOCK_C=bc, BLOCK_HW=bhw, ONE_TILE=one, num_warps=num_warps,
-        )
-    dw = dwp.sum(0).to(weight.dtype) if needs_dw else None
-    db = dbp.sum(0).to(bias.dtype) if needs_db else None
-    return dx, dw, db
-
-
-# ---------------------------------------------------------------------------------------------
-# torch.library ops: what torch.compile sees (opaque calls with shape functions, no graph break)
-# ---------------------------------------------------------------------------------------------
-_OPS_OK = False
-if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):
-    try:
-        @torch.library.custom_op("fastcifar_kernels::group_norm_relu_fwd", mutates_args=())
-        def _fwd_op(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
-                    eps: float) -> tuple[Tensor, Tensor, Tensor]:
-            return _forward(x, num_groups, weight, bias, eps)
-
-        @_fwd_op.register_fake
-        def _(x, num_groups, weight, bias, eps):
-            stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
-            return torch.empty_like(x, memory_format=torch.preserve_format), stats, stats.clone()
-
-        @torch.library.custom_op("fastcifar_kernels::group_norm_relu_bwd", mutates_args=())
-        def _bwd_op(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, num_groups: int,
-                    weight: Optional[Tensor], bias: Optional[Tensor], needs_dx: bool, needs_dw: bool,
-                    needs_db: bool) -> tuple[Tensor, Tensor, Tensor]:
-            dx, dw, db = _backward(dy, x, mean, rstd, num_groups, weight, bias, needs_dx, needs_dw, needs_db)
-            # an op cannot return None: empty tensors stand in for grads nobody asked for
-            none = lambda: x.new_empty((0,))  # noqa: E731
-            return (dx if dx is not None else none(), dw if dw is not None else none(),
-                    db if db is not None else none())
-
-        @_bwd_op.register_fake
-        def _(dy, x, mean, rstd, num_groups, weight, bias, needs_dx, needs_dw, needs_db):
-            def like(t, need):
-                return torch.empty_like(t, memory_format=torch.preserve_format) if need else x.new_empty((0,))
-            return like(x, needs_dx), like(weight, needs_dw and weight is not None), \
-                like(bias, needs_db and bias is not None)
-
-        _OPS_OK = True
-    except Exception:  # noqa: BLE001 - already registered (this file loaded twice) or an old torch
-        _OPS_OK = hasattr(torch.ops.fastcifar_kernels, "group_norm_relu_fwd")
-
-
-def _is_compiling():
-    return _OPS_OK and hasattr(torch, "compiler") and torch.compiler.is_compiling()
-
-
-# ---------------------------------------------------------------------------------------------
-# Autograd Function
-# ---------------------------------------------------------------------------------------------
-class GroupNormReLUFunction(torch.autograd.Function):
-    """Ties the kernels together. Saves x, mean and rstd (fp32, [N, G]) -- not xhat, not y."""
-
-    @staticmethod
-    def forward(ctx, x, num_groups, weight, bias, eps):
-        if _is_compiling():
-            y, mean, rstd = torch.ops.fastcifar_kernels.group_norm_relu_fwd(x, num_groups, weight, bias, eps)
-        else:  # eager: skip the dispatcher round trip
-            y, mean, rstd = _forward(x, num_groups, weight, bias, eps)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.num_groups = num_groups
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        needs_dx, _, needs_dw, needs_db, _ = ctx.needs_input_grad
-        needs_dw = needs_dw and weight is not None
-        needs_db = needs_db and bias is not None
-        if _is_compiling():
-            dx, dw, db = torch.ops.fastcifar_kernels.group_norm_relu_bwd(
-                dy, x, mean, rstd, ctx.num_groups, weight, bias, needs_dx, needs_dw, needs_db)
-        else:
-            dx, dw, db = _backward(dy, x, mean, rstd, ctx.num_groups, weight, bias,
-                                   needs_dx, needs_dw, needs_db)
-        return (dx if needs_dx else None), None, (dw if needs_dw else None), (db if needs_db else None), None
-
-
-# ---------------------------------------------------------------------------------------------
-# Functional entry point
-# ---------------------------------------------------------------------------------------------
-def _kernels_interpreted():
-    # triton's own jit'd helpers (tl.sum's combine function) are fixed when triton is imported: imported before
-    # TRITON_INTERPRET was set, they fail inside an interpreted kernel, so the torch path must be taken then
-    from triton.language import standard
-    from triton.runtime.interpreter import InterpretedFunction
-    helper = getattr(standard, "_sum_combine", None)
-    return isinstance(_gn_relu_fwd_kernel, InterpretedFunction) and \
-        (helper is None or isinstance(helper, InterpretedFunction))
-
-
-_INTERPRETED = triton is not None and _kernels_interpreted()
-
-
-def fused_available(x_or_device=None) -> bool:
-    """True when group_norm_relu will run the Triton kernels for this tensor (or device).
-
-    CUDA: needs triton. CPU: needs TRITON_INTERPRET=1, set now and also when this module was
-    imported (triton decides at definition time). For a tensor, its dtype must be fp32/fp16/bf16
-    (bf16 only on CUDA: the interpreter has none). FASTCIFAR_KERNELS_DISABLE=1 turns it off.
-    """
-    if triton is None or os.environ.get("FASTCIFAR_KERNELS_DISABLE", "0") not in ("", "0"):
-        return False
-    if isinstance(x_or_device, Tensor):
-        dev, dtype = x_or_device.device, x_or_device.dtype
-    else:
-        dev = torch.device("cuda" if x_or_device is None else x_or_device)
-        dtype = None
-    if dev.type == "cuda":
-        ok = torch.cuda.is_available()
-    elif dev.type == "cpu":  # interpreted kernels, and the user still asks for the interpreter
-        ok = _INTERPRETED and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    else:
-        return False
-    if dtype is not None:
-        ok = ok and dtype in _FUSED_DTYPES and not (dev.type == "cpu" and dtype == torch.bfloat16)
-    return ok
-
-
 def group_norm_relu(x, num_groups, weight=None, bias=None, eps=1e-5):
-    """relu(group_norm(x, num_groups, weight, bias, eps)) for a 4-D x, fused when possible.
+    """relu(group_norm(x, num_groups, weight, bias, eps)) for a 4-D x, fused where the kernels run.
 
-    Same result as F.relu(F.group_norm(...)); the output keeps x's memory format and dtype.
-    Runs the Triton kernels when fused_available(x), otherwise the torch ops. Under autocast the
-    fused path keeps x's dtype (bf16 in, bf16 out; statistics in fp32), whereas the torch path,
-    like nn.GroupNorm, returns fp32.
+    Same result as F.relu(F.group_norm(...)); the output keeps x's memory format and dtype (statistics
+    in fp32; under autocast bf16 in gives bf16 out, unlike nn.GroupNorm's fp32). One torch.library op
+    (fastcifar_kernels::group_norm_relu), so torch.compile(fullgraph=True) keeps one graph.
     """
     _check_args(x, num_groups, weight, bias)
-    if not fused_available(x):
-        return F.relu(F.group_norm(x, num_groups, weight, bias, eps))
-    return GroupNormReLUFunction.apply(x, num_groups, weight, bias, eps)
+    return torch.ops.fastcifar_kernels.group_norm_relu(x, num_groups, weight, bias, eps)[0]
 
 
-# ---------------------------------------------------------------------------------------------
-# nn.Module
-# ---------------------------------------------------------------------------------------------
 class GroupNormReLU(nn.Module):
     """Drop-in for nn.Sequential(nn.GroupNorm(num_groups, num_channels, eps, affine, bias=bias), nn.ReLU()).
 

@@ -13,13 +13,13 @@ NVIDIA_VISIBLE = os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi") is
 WE_SET_INTERPRET = not NVIDIA_VISIBLE and "TRITON_INTERPRET" not in os.environ
 if WE_SET_INTERPRET:
     os.environ["TRITON_INTERPRET"] = "1"
-sys.path.insert(0, ROOT)  # benchmarks/ runs from the checkout; it is not installed
+sys.path.insert(0, ROOT)  # benchmarks/ runs from the checkout (python -m benchmarks...); it is not installed
 try:
-    from benchmarks.kernels import import_kernels
-    import_kernels()
+    import fastcifar_kernels  # noqa: F401
 finally:
     if WE_SET_INTERPRET:
         del os.environ["TRITON_INTERPRET"]
+KERNELS = sys.modules["fastcifar_kernels.group_norm_relu"]
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -91,6 +91,14 @@ def small_source(tmp_path_factory):
     root = tmp_path_factory.mktemp("small")
     write_image_folder(str(root / "tree"), per_class=(20, 10), seed=1)
     return make_tar(str(root / "tree"), str(root / "small.tar.gz"))
+
+
+@pytest.fixture(autouse=True)
+def _kernel_routes_follow_the_test_env():
+    # the kernels read FASTCIFAR_KERNELS_DISABLE / TRITON_INTERPRET once per process; each test sets its own
+    KERNELS._reset_routes()
+    yield
+    KERNELS._reset_routes()
 
 
 @pytest.fixture(autouse=True)

@@ -16,6 +16,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from benchmarks import baseline as B  # noqa: E402
+from benchmarks import ray_executor as RX  # noqa: E402
 from benchmarks import loader as L  # noqa: E402
 from benchmarks import throughput as TP  # noqa: E402
 from benchmarks import time_to_accuracy as TTA  # noqa: E402
@@ -123,7 +124,7 @@ def test_failed_and_unreached_runs_report_failures_not_times(betons, tmp_path, m
         assert s["time_to_target_s"] == {"median": None, "min": None, "max": None}
         assert s["epochs_to_target"]["median"] is None
     # the unreached run still finished training: its accuracies count, its time does not
-    assert bn["final_test_acc"]["n"] == 1 and gn["final_test_acc"] == {"mean": None, "std": None, "n": 0}
+    assert bn["final_test_acc"]["n"] == 1 and gn["final_test_acc"] == {"mean": None, "std": None, "min": None, "n": 0}
     run = {r["norm"]: r for r in res["runs"]}
     assert run["gn"]["status"] == "failed" and run["gn"]["error"] == "RuntimeError: simulated crash"
     assert run["bn"]["status"] == "not_reached" and run["bn"]["time_to_target_s"] is None
@@ -151,7 +152,7 @@ def fake_train(times):
     return train
 
 
-def test_medians_are_over_the_seeds_that_reached_the_target(betons, tmp_path, monkeypatch):
+def test_medians_are_over_the_seeds_that_reached_the_target(betons, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(T, "train", fake_train({0: 3.0, 1: FloatingPointError("non-finite loss"), 2: 5.0, 3: 10.0,
                                                 4: None}))
     out = tmp_path / "tta"
@@ -164,6 +165,12 @@ def test_medians_are_over_the_seeds_that_reached_the_target(betons, tmp_path, mo
     assert s["final_test_acc"]["n"] == 4 and s["compile_time_s"] == 0.5
     assert [e["seed"] for e in s["errors"]] == [1, 4]
     assert table(out)["ln"]["reached / runs"] == "3 / 5"
+    # the success rate over every run started, beside the mean and the worst final accuracy of those that trained
+    assert s["success_rate"] == 0.6
+    assert s["final_test_acc"]["mean"] == pytest.approx((3 * 0.5 + 0.2) / 4) and s["final_test_acc"]["min"] == 0.2
+    assert table(out)["ln"]["final test acc, min (%)"] == "20.00"
+    assert "ln: 3/5 runs reached 40%; final test acc mean 42.50%, min 20.00%; median time to target 5.00 s" in \
+        capsys.readouterr().out
 
 
 def test_speedup_and_its_lower_bound():
@@ -308,3 +315,135 @@ def test_throughput_counts_the_models_flops_and_times_both_ways(tmp_path):
     md = table(out, "norm", "throughput.md")
     assert set(md) == {"bn", "ln"} and md["bn"]["params"] == str(rows[0]["params"])
     assert (out / "throughput.png").read_bytes().startswith(PNG_MAGIC)
+
+
+# ---------------------------------------------------------------- grids, executors, timing rules
+
+def test_grid_expands_into_runs_with_its_training_flags(betons, tmp_path, monkeypatch):
+    seen = []
+    fake = fake_train({0: 1.0, 1: 2.0})
+
+    def train(args):
+        seen.append((args.norm, args.seed, args.lr, args.label_smoothing))
+        return fake(args)
+
+    monkeypatch.setattr(T, "train", train)
+    out = tmp_path / "tta"
+    assert TTA.main(["--data", betons, "--out", str(out), "--norm", "bn", "gn", "--seeds", "2", "--no-warmup",
+                     "--target", "0.4", "--grid", "lr=0.1,0.3", "label-smoothing=0"]) == 0
+    # interleaved: seed 0 of every grid point and norm before seed 1
+    assert seen == [(n, s, lr, 0.0) for s in (0, 1) for lr in (0.1, 0.3) for n in ("bn", "gn")]
+    res = load(out)
+    labels = [f"{n} lr={lr} label_smoothing=0" for lr in ("0.1", "0.3") for n in ("bn", "gn")]
+    assert list(res["norms"]) == res["settings"]["groups"] == labels
+    for label, s in res["norms"].items():
+        assert (s["runs"], s["reached"]) == (2, 2) and s["config"]["lr"] in ("0.1", "0.3")
+    assert {r["out"] for r in res["runs"]} == {str(out / "runs" / f"{n}-lr{lr}-label_smoothing0-s{s}")
+                                               for n in ("bn", "gn") for lr in ("0.1", "0.3") for s in (0, 1)}
+    assert set(table(out)) == set(labels) and res["executor"] == "local"
+    assert all(r["where"] == {"executor": "local", "node_id": None, "host": r["where"]["host"], "pid": os.getpid()}
+               for r in res["runs"])
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--grid", "lr"], "KEY=V1,V2"), (["--grid", "lr="], "KEY=V1,V2"), (["--grid", "seed=1,2"], "--seeds"),
+    (["--grid", "lr=1", "lr=2"], "twice"), (["--gpus-per-run", "1"], "only with --executor ray"),
+    (["--executor", "ray", "--gpus-per-run", "0.5"], "slow each other"),
+    (["--executor", "ray", "--cpus-per-run", "0"], "at least 1"),
+    (["--accuracy-only", "--baseline"], "need times")])
+def test_bad_sweep_flags_get_one_line_errors(bad, message, capsys):
+    with pytest.raises(SystemExit):
+        TTA.parse_args(bad)
+    assert message in capsys.readouterr().err
+
+
+def test_fractional_gpus_are_allowed_only_without_times():
+    a = TTA.parse_args(["--executor", "ray", "--gpus-per-run", "0.25", "--cpus-per-run", "2", "--accuracy-only"])
+    assert (a.gpus_per_run, a.cpus_per_run, a.accuracy_only) == (0.25, 2, True)
+    assert TTA.parse_args(["--executor", "ray", "--gpus-per-run", "2"]).gpus_per_run == 2
+    assert TTA.ray_resources(a, torch.device("cuda")) == (2, 0.25)
+    assert TTA.ray_resources(TTA.parse_args(["--executor", "ray"]), torch.device("cuda")) == (1, 1.0)
+    assert TTA.ray_resources(TTA.parse_args(["--executor", "ray"]), torch.device("cpu")) == (1, 0.0)
+    with pytest.raises(SystemExit, match="hides every GPU"):
+        TTA.ray_resources(TTA.parse_args(["--executor", "ray", "--gpus-per-run", "0"]), torch.device("cuda"))
+    # packed runs get the CPUs they asked for as torch threads; timed runs keep the trainer's default (all cores)
+    dev = torch.device("cpu")
+    assert TTA.train_argv(a, "bn", 0, "D", "O", dev)[-4:-2] == ["--threads", "2"]
+    assert "--threads" not in TTA.train_argv(TTA.parse_args(["--executor", "ray", "--cpus-per-run", "2"]), "bn", 0,
+                                             "D", "O", dev)
+
+
+def test_compile_is_passed_only_when_chosen():
+    dev = torch.device("cpu")
+    argv = lambda *flags: TTA.train_argv(TTA.parse_args(list(flags)), "bn", 0, "D", "O", dev)  # noqa: E731
+    assert not any(a.startswith("--compile") for a in argv())  # the trainer's own default decides
+    on, off = T.parse_args(argv("--compile")), T.parse_args(argv("--no-compile"))
+    assert on.compile in (True, "on") and off.compile in (False, "off")
+
+
+def test_one_timed_run_per_machine():
+    node = lambda i, ip, alive=True, cpu=2, gpu=0: {"NodeID": f"n{i}", "NodeManagerAddress": ip, "Alive": alive,  # noqa: E731
+                                                    "Resources": {"CPU": cpu, "GPU": gpu}}
+    nodes = [node(1, "10.0.0.1"), node(2, "10.0.0.1"), node(3, "10.0.0.2", alive=False), node(4, "10.0.0.3"),
+             node(5, "10.0.0.4", cpu=1), node(6, "10.0.0.5", gpu=1)]
+    assert RX.machines(nodes, cpus=2, gpus=0) == ["n1", "n4", "n6"]  # two Ray nodes on one machine count once
+    assert RX.machines(nodes, cpus=1, gpus=1) == ["n6"]
+    assert RX.machines(nodes, cpus=4, gpus=0) == []
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray = pytest.importorskip("ray")
+    # small: this machine has 2 cores, no dashboard, a small object store
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=RX.EMBEDDED["object_store_memory"])
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_ray_sweep_runs_every_job_in_ray_workers(ray_session, betons, tmp_path):
+    out = tmp_path / "tta"
+    assert TTA.main(["--data", betons, "--out", str(out), "--executor", "ray", "--accuracy-only", "--norm", "bn", "gn",
+                     "--seeds", "2", "--epochs", "1", "--limit", "100", "--no-amp", "--no-warmup",
+                     "--target", "0.01", "--train-args=--batch-size 50"]) == 0
+    res = load(out)
+    assert res["executor"] == "ray" and res["settings"]["ray"]["cpus_per_run"] == 1 and res["status"] == "ok"
+    assert sorted((r["norm"], r["seed"]) for r in res["runs"]) == [("bn", 0), ("bn", 1), ("gn", 0), ("gn", 1)]
+    for r in res["runs"]:
+        w = r["where"]
+        assert w["executor"] == "ray" and w["pid"] != os.getpid() and len(w["node_id"]) > 8, w
+        with open(os.path.join(r["out"], "metrics.json")) as f:  # the real training run wrote it
+            assert json.load(f)["final_test_acc"] == r["final_test_acc"]
+    assert {w["node_id"] for w in (r["where"] for r in res["runs"])} == {ray_session.get_runtime_context().get_node_id()}
+    for n in ("bn", "gn"):
+        s = res["norms"][n]
+        assert (s["runs"], s["reached"]) == (2, 2) and s["time_to_target_s"]["median"] is None  # accuracy only
+    rows = table(out)
+    assert rows["bn"]["reached / runs"] == "2 / 2" and rows["bn"]["time to target, median (s)"] == "not timed"
+    assert "## Where each run ran" in (out / "results.md").read_text()
+    assert (out / "time_to_accuracy.png").read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.slow
+def test_ray_killed_task_is_reported_failed_and_timed_runs_never_overlap(ray_session):
+    import signal
+    import time
+
+    def job(i):
+        t0 = time.time()
+        if i == 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # the worker dies mid-run, as under the OOM killer
+        time.sleep(0.2)
+        return {"status": "reached", "i": i, "t0": t0, "t1": time.time(),
+                "warm": os.environ.get(RX._WARM_ENV) == str(os.getpid())}  # its process ran the warm-up first
+
+    jobs = [{"args": (i,), "record": {"norm": "bn", "seed": i}} for i in range(4)]
+    seen = []
+    res = RX.run(jobs, job, cpus=1, gpus=0, timed=True, warmup=(lambda: None, ()),
+                 on_result=lambda i, r: seen.append(i), poll_s=0.2)
+    assert sorted(seen) == [0, 1, 2, 3]
+    assert res[1]["status"] == "failed" and res[1]["error"].startswith("killed: ") and res[1]["seed"] == 1
+    ok = [r for r in res if r["status"] == "reached"]
+    assert [r["i"] for r in ok] == [0, 2, 3] and all(r["where"]["pid"] != os.getpid() and r["warm"] for r in ok)
+    spans = sorted((r["t0"], r["t1"]) for r in ok)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # one machine: one run at a time

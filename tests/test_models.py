@@ -2,15 +2,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastcifar.models import NORMS, PARAM_BUDGET, PatchWhitening, StandardizedConv2d, count_params, make_model
+from fastcifar.models import ARCHS, NORMS, PARAM_BUDGET, PatchWhitening, StandardizedConv2d, count_params, make_model
 from fastcifar.train import make_optimizer, parse_args
 
 
+# the counts the README and results report; norms cost the same 2*C parameters in every variant
+KNOWN_PARAMS = {"lean": 49_514, "deep": 49_906}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("norm", NORMS)
-def test_within_parameter_budget(norm):
-    m = make_model(norm)
-    # every parameter counts, the norms' affine ones included
-    assert count_params(m) == sum(p.numel() for p in m.parameters()) <= PARAM_BUDGET
+def test_within_parameter_budget(norm, arch):
+    m = make_model(norm, arch)
+    frozen = sum(p.numel() for p in m.parameters() if not p.requires_grad)
+    assert frozen == m.stem.weight.numel() > 0  # the frozen stem counts against the budget too
+    assert count_params(m) == KNOWN_PARAMS[arch] <= PARAM_BUDGET
+
+
+@pytest.mark.parametrize("arch,size", [("lean", 16), ("deep", 32)])
+def test_stem_resolution(arch, size):
+    m = make_model("bn", arch)
+    assert m.stem(torch.randn(2, 3, 32, 32)).shape[-2:] == (size, size)
 
 
 def test_ln_normalizes_over_c_h_w_with_per_channel_affine():
@@ -20,10 +32,11 @@ def test_ln_normalizes_over_c_h_w_with_per_channel_affine():
     assert all(1 < m.num_groups < m.num_channels for m in gn)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("norm", NORMS)
-def test_one_step_lowers_loss_on_a_fixed_batch(norm):
+def test_one_step_lowers_loss_on_a_fixed_batch(norm, arch):
     torch.manual_seed(0)
-    m = make_model(norm)
+    m = make_model(norm, arch)
     x = torch.randn(32, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (32,))
     opt = torch.optim.SGD(m.parameters(), lr=0.05)
@@ -34,16 +47,19 @@ def test_one_step_lowers_loss_on_a_fixed_batch(norm):
     assert after.item() < before.item()
 
 
-def test_channels_last_weights_and_output_shape():
-    m = make_model("bn")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_channels_last_weights_and_output_shape(arch):
+    m = make_model("bn", arch)
     convs = [p for p in m.parameters() if p.ndim == 4]
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
     assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
-def test_unknown_norm_is_refused():
+def test_unknown_norm_or_arch_is_refused():
     with pytest.raises(ValueError, match="unknown norm"):
         make_model("xyz")
+    with pytest.raises(ValueError, match="unknown arch"):
+        make_model("bn", "wide")
 
 
 def test_patch_whitening_decorrelates_the_patches_it_sees():
@@ -90,7 +106,8 @@ def test_standardized_conv_ignores_the_filters_scale_and_offset():
     assert torch.allclose(a(x).double(), ref, atol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("norm,standardized", [("bn", False), ("gn", True), ("ln", True)])
-def test_gn_and_ln_standardize_their_conv_filters(norm, standardized):
-    convs = [m for m in make_model(norm).features.modules() if isinstance(m, torch.nn.Conv2d)]
+def test_gn_and_ln_standardize_their_conv_filters(norm, standardized, arch):
+    convs = [m for m in make_model(norm, arch).features.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(isinstance(c, StandardizedConv2d) == standardized for c in convs)
