@@ -66,7 +66,8 @@ def build_parser():
                    help="capture the training step in CUDA graphs (torch.compile mode reduce-overhead, so not "
                         "with --compile off); CUDA only: refused on the CPU")
     p.add_argument("--fused-norm", default="auto", choices=["auto", "on", "off"],
-                   help="Triton GroupNorm+ReLU for gn/ln (auto: where it can run)")
+                   help="Triton GroupNorm+ReLU for gn/ln (auto: where it can run and agrees with torch on a "
+                        "small check, else the torch path; on: the kernel or a one-line error)")
     p.add_argument("--target-acc", type=float, default=0.70)
     p.add_argument("--stop-at-target", action=argparse.BooleanOptionalAction, default=None,
                    help="stop once test accuracy reaches the target (default: the fast preset at its own "
@@ -190,25 +191,42 @@ def amp_effective(device, amp):
     return amp
 
 
+def amp_dtype(device, amp):
+    """The dtype the norms see: fp32, or the autocast dtype (fp16 on CUDA without bf16)."""
+    if not amp:
+        return torch.float32
+    return torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
+
+
 def autocast_for(device, amp):
     if not amp:
         return contextlib.nullcontext, None
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return (lambda: torch.autocast("cuda", dtype=torch.float16)), torch.amp.GradScaler("cuda")
-    return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), None
+    dtype = amp_dtype(device, amp)
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
 
 
-def resolve_fused(mode, norm, device):
+def resolve_fused(mode, norm, device, dtype=torch.float32):
+    """(use the fused GroupNorm+ReLU?, why not, where auto fell back). The kernel has never run on a GPU, so
+    it is first checked against torch for the training dtype and channels_last, before anything compiles:
+    auto falls back to the torch path on a mismatch, on fails loudly."""
     if norm == "bn" or mode == "off":
-        return False
+        return False, None
     try:
-        from fastcifar_kernels import fused_available
-        ok = fused_available(device)
+        import fastcifar_kernels as fk
     except ImportError:
-        ok = False
-    if mode == "on" and not ok:
-        raise ConfigError("--fused-norm on: the Triton kernel cannot run here (needs CUDA, or TRITON_INTERPRET=1)")
-    return ok
+        fk = None
+    if not (fk and fk.fused_available(device)):
+        if mode == "on":
+            raise ConfigError("--fused-norm on: the Triton kernel cannot run here (needs CUDA, or TRITON_INTERPRET=1)")
+        return False, None
+    try:
+        if fk.verify_kernel(device, dtype, channels_last=True, strict=mode == "on"):
+            return True, None
+    except RuntimeError as e:
+        raise ConfigError(f"--fused-norm on: {str(e).splitlines()[0]}") from None
+    key = f"{device.type}/{str(dtype).removeprefix('torch.')}/channels_last"
+    return False, fk.kernel_status().get(key, "the kernel's self-check failed")
 
 
 # ---------------------------------------------------------------- set-up
@@ -250,7 +268,9 @@ def setup(args):
     compile_on, compile_mode = compile_settings(args.compile, args.cuda_graphs, device)
     configure_backends(device)
     torch.manual_seed(args.seed)
-    fused = resolve_fused(args.fused_norm, args.norm, device)
+    amp = amp_effective(device, args.amp)
+    autocast, scaler = autocast_for(device, amp)
+    fused, fused_fallback = resolve_fused(args.fused_norm, args.norm, device, amp_dtype(device, amp))
 
     # data: convert once to betons, then batches live on the device
     beton_dir, manifest = prepare_betons(resolve_source(args.data), args.beton_dir)
@@ -272,12 +292,10 @@ def setup(args):
     steps_per_epoch = len(train_loader)
     total_steps = args.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total_steps, steps_per_epoch // 2 + 1))
-    amp = amp_effective(device, args.amp)
-    autocast, scaler = autocast_for(device, amp)
     run = argparse.Namespace(
         args=args, device=device, manifest=manifest, train_loader=train_loader, test_loader=test_loader,
         model=model, model_config=model_config, opt=opt, sched=sched, autocast=autocast, scaler=scaler,
-        amp=amp, fused=fused, compile=compile_on, compile_mode=compile_mode, settings_from=settings_from,
+        amp=amp, fused=fused, fused_fallback=fused_fallback, compile=compile_on, compile_mode=compile_mode, settings_from=settings_from,
         ckpt_path=ckpt_path, history=[], start_epoch=0, compile_time=0.0, fit_time=fit_time, preds=None)
     if saved:
         ckpt = restore(ckpt_path, device, model, opt, sched, train_loader)
@@ -423,6 +441,7 @@ def train(args):
         "dataset_images": {s: v["images"] for s, v in run.manifest["splits"].items()},
         "loader": args.loader, "amp": run.amp, "amp_requested": args.amp, "compile": run.compile,
         "compile_requested": args.compile, "cuda_graphs": args.cuda_graphs, "fused_norm": run.fused,
+        "fused_norm_fallback": run.fused_fallback,
         "preset": args.preset, "batch_size": args.batch_size, "lr": args.lr, "settings_from": run.settings_from,
         "seed": args.seed, "target_acc": args.target_acc, "stop_at_target": args.stop_at_target, "tta": args.tta,
         "torch_threads": torch.get_num_threads(), "compile_time_s": run.compile_time,

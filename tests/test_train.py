@@ -355,15 +355,54 @@ def test_fused_norm_on_end_to_end_under_the_interpreter(tmp_path, small_source):
             "--tta", "off", env={"TRITON_INTERPRET": "1", "FASTCIFAR_CACHE": str(tmp_path / "c")})
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.load(open(tmp_path / "o" / "metrics.json"))
-    assert m["fused_norm"] is True and m["status"] == "done" and np.isfinite(m["history"][0]["train_loss"])
+    assert m["fused_norm"] is True and m["fused_norm_fallback"] is None and m["status"] == "done"
+    assert np.isfinite(m["history"][0]["train_loss"])
 
 
-def test_fused_norm_on_where_the_kernel_cannot_run_is_one_line_error(tmp_path, small_source, monkeypatch):
+def test_fused_norm_on_where_the_kernel_cannot_run_is_one_line_error(monkeypatch):
     import fastcifar_kernels
     monkeypatch.setattr(fastcifar_kernels, "fused_available", lambda device=None: False)
     with pytest.raises(ConfigError, match="--fused-norm on: the Triton kernel cannot run here"):
         train_mod.resolve_fused("on", "gn", torch.device("cpu"))
-    assert train_mod.resolve_fused("auto", "gn", torch.device("cpu")) is False
+    assert train_mod.resolve_fused("auto", "gn", torch.device("cpu")) == (False, None)
+    assert train_mod.resolve_fused("on", "bn", torch.device("cpu")) == (False, None)
+
+
+@pytest.fixture
+def interpreted_kernel(monkeypatch):
+    """The kernels under the Triton interpreter with verification results of this test only."""
+    from conftest import KERNELS as impl
+    if not impl._INTERPRETED:
+        pytest.skip("the kernels were not imported under TRITON_INTERPRET (a GPU machine)")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for cache in ("_STATUS", "_ROUTES", "_ENV"):
+        monkeypatch.setattr(impl, cache, {})
+    return impl
+
+
+def test_fused_norm_verifies_the_kernel_before_trusting_it(interpreted_kernel):
+    cpu = torch.device("cpu")
+    assert train_mod.resolve_fused("auto", "gn", cpu) == (True, None)
+    assert train_mod.resolve_fused("on", "ln", cpu) == (True, None)
+
+
+def test_a_broken_kernel_falls_back_under_auto_and_fails_under_on(interpreted_kernel, tmp_path, small_source,
+                                                                    monkeypatch):
+    real = interpreted_kernel._forward
+
+    def broken(*a, **k):
+        out = real(*a, **k)
+        out[0][(0,) * out[0].dim()] += 0.5
+        return out
+    monkeypatch.setattr(interpreted_kernel, "_forward", broken)
+    with pytest.raises(ConfigError, match=r"^--fused-norm on: .*mismatch: max relative error") as e:
+        with pytest.warns(RuntimeWarning, match="disagrees with torch"):
+            train_mod.resolve_fused("on", "gn", torch.device("cpu"))
+    assert "\n" not in str(e.value)
+    m, _ = run(tmp_path, small_source, "--norm", "gn", "--fused-norm", "auto", "--epochs", "1", "--limit", "64",
+               "--no-plots", "--tta", "off")
+    assert m["fused_norm"] is False and m["fused_norm_fallback"].startswith("mismatch: max relative error")
+    assert np.isfinite(m["history"][0]["train_loss"])
 
 
 @pytest.mark.skipif(not train_mod.cpu_has_native_bf16(), reason="this CPU has no native bf16 (AVX512-BF16 or AMX)")
