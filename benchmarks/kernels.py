@@ -44,11 +44,11 @@ TARGETS = {
 
 
 def model_norm_shapes():
-    """[(C, H, W, G, "gn"/"ln"/"gn+ln")]: every group norm the project's gn and ln models run."""
-    from fastcifar.models import make_model
+    """[(C, H, W, G, "gn"/"ln"/"gn+ln")]: every group norm the project's gn and ln models run, both layouts."""
+    from fastcifar.models import ARCHS, make_model
     found = {}
-    for norm in ("gn", "ln"):
-        for s in fastcifar_kernels.norm_shapes(make_model(norm), (2, 3, 32, 32)):
+    for norm, arch in [(n, a) for n in ("gn", "ln") for a in ARCHS]:
+        for s in fastcifar_kernels.norm_shapes(make_model(norm, arch), (2, 3, 32, 32)):
             found.setdefault(s[1:], set()).add(norm)
     return [(*s, "+".join(sorted(v))) for s, v in sorted(found.items())]
 

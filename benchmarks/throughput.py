@@ -2,10 +2,11 @@
 
     python -m benchmarks.throughput                              # every norm, fp32 and bf16, batch 128
     python -m benchmarks.throughput --norm bn --precision fp32 --batch-size 256
+    python -m benchmarks.throughput --arch lean deep --norm bn --precision bf16   # the two layouts side by side
 
-For each norm and precision, on random data in channels_last:
+For each layout, norm and precision, on random data in channels_last:
   step       --steps timed training steps (forward, label-smoothed loss, backward, Nesterov SGD step) of
-             `make_model(norm)` after --warmup untimed ones: images per second, and the FLOPs those
+             `make_model(norm, arch)` after --warmup untimed ones: images per second, and the FLOPs those
              images cost per second (convolutions and the linear layer, forward and backward).
   conv only  the model's 3x3 convolutions alone, each run forward and backward at the shape it sees
              in the model, nothing in between: the speed of the conv kernels themselves. Its images per
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from fastcifar.models import NORMS, count_params, make_model
+from fastcifar.models import ARCHS, NORMS, count_params, make_model
 from fastcifar.train import cpu_has_native_bf16, make_optimizer
 
 from .common import (atomic_write_json, atomic_write_text, environment, fmt, machine_line, markdown_table,
@@ -39,6 +40,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", nargs="+", default=["lean"], choices=sorted(ARCHS), help="layouts (default: lean)")
     p.add_argument("--norm", nargs="+", default=list(NORMS), choices=NORMS, help="norms (default: all)")
     p.add_argument("--precision", nargs="+", default=list(PRECISIONS), choices=PRECISIONS,
                    help="fp32, and bf16 autocast (default: both)")
@@ -83,9 +85,9 @@ def autocast(device, precision):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def measure(norm, precision, args, device):
+def measure(arch, norm, precision, args, device):
     torch.manual_seed(0)
-    model = make_model(norm).to(device)
+    model = make_model(norm, arch).to(device)
     model.stem.fit(torch.randn(256, 3, 32, 32, device=device))
     opt = make_optimizer(model, lr=0.2, weight_decay=5e-4)  # the values do not change the step's cost
     b = args.batch_size
@@ -119,7 +121,7 @@ def measure(norm, precision, args, device):
 
     conv_flops = count_flops(convs_only) / b
     conv_s = timed(convs_only, args.steps, args.warmup, args.repeats, device)
-    return {"norm": norm, "precision": precision, "params": count_params(model), "batch_size": b,
+    return {"arch": arch, "norm": norm, "precision": precision, "params": count_params(model), "batch_size": b,
             "train_gflop_per_image": flops / 1e9, "conv_gflop_per_image": conv_flops / 1e9,
             "step_images_per_s": b / step_s, "step_gflop_per_s": flops * b / step_s / 1e9,
             "conv_images_per_s": b / conv_s, "conv_gflop_per_s": conv_flops * b / conv_s / 1e9,
@@ -128,10 +130,10 @@ def measure(norm, precision, args, device):
 
 
 def report(rows, env, args):
-    header = ["norm", "precision", "params", "GFLOP/image (train)", "step img/s", "step GFLOP/s",
+    header = ["arch", "norm", "precision", "params", "GFLOP/image (train)", "step img/s", "step GFLOP/s",
               "conv-only img/s", "conv GFLOP/s", "conv share of step", "epoch (s)", "epoch floor (s)"]
     table = markdown_table(header, [
-        [r["norm"], r["precision"], r["params"], fmt(r["train_gflop_per_image"], 4), f"{r['step_images_per_s']:.0f}",
+        [r.get("arch", "lean"), r["norm"], r["precision"], r["params"], fmt(r["train_gflop_per_image"], 4), f"{r['step_images_per_s']:.0f}",
          fmt(r["step_gflop_per_s"], 1), f"{r['conv_images_per_s']:.0f}", fmt(r["conv_gflop_per_s"], 1),
          f"{100 * r['conv_share_of_step']:.0f}%", fmt(r["epoch_s_at_step_speed"], 1),
          fmt(r["epoch_s_floor_at_conv_speed"], 1)] for r in rows])
@@ -155,7 +157,7 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    labels = [f"{r['norm']}\n{r['precision']}" for r in rows]
+    labels = [f"{r.get('arch', 'lean')}\n{r['norm']}\n{r['precision']}" for r in rows]
     xs = range(len(rows))
     ax.bar([i - 0.2 for i in xs], [r["step_images_per_s"] for r in rows], 0.4, label="training step")
     ax.bar([i + 0.2 for i in xs], [r["conv_images_per_s"] for r in rows], 0.4, label="convolutions only")
@@ -177,12 +179,11 @@ def main(argv=None):
     if device.type == "cpu" and "bf16" in args.precision and not env["cpu_native_bf16"]:
         print("note: this CPU has no native bf16; bf16 rows measure emulated bf16", file=sys.stderr)
     rows = []
-    for norm in args.norm:
-        for precision in args.precision:
-            rows.append(measure(norm, precision, args, device))
-            r = rows[-1]
-            print(f"{norm} {precision}: step {r['step_images_per_s']:.0f} img/s, "
-                  f"convs alone {r['conv_images_per_s']:.0f} img/s", file=sys.stderr, flush=True)
+    for arch, norm, precision in [(a, n, p) for a in args.arch for n in args.norm for p in args.precision]:
+        rows.append(measure(arch, norm, precision, args, device))
+        r = rows[-1]
+        print(f"{arch} {norm} {precision}: step {r['step_images_per_s']:.0f} img/s, "
+              f"convs alone {r['conv_images_per_s']:.0f} img/s", file=sys.stderr, flush=True)
     os.makedirs(args.out, exist_ok=True)
     text = report(rows, env, args)
     atomic_write_json(os.path.join(args.out, "throughput.json"), {"environment": env, "rows": rows})

@@ -22,20 +22,23 @@ from .data.loaders import LOADERS
 from .device import ConfigError, default_threads, device_name, pick_device, sync
 from .evaluate import TTA, evaluate, per_class_accuracy, tta_logits
 from .io import atomic_write_json
-from .models import NORMS, PARAM_BUDGET, count_params, make_model
+from .models import ARCHS, NORMS, PARAM_BUDGET, count_params, make_model
 from .plots import plot_curves, plot_misclassified
 
 EPOCH_BUDGET = 20
-# measured (benchmarks/NOTES.md): the shortest schedules whose last epoch reaches 70%
+# measured (benchmarks/NOTES.md): the shortest schedules whose last epoch reaches 70% on every seed
 FAST_EPOCHS = {"bn": 2, "gn": 3, "ln": 3}
-# batch size and peak learning rate per device type. CPU, measured (benchmarks/NOTES.md): batch 128 learns far
-# more per second than 512. CUDA, not yet measured (benchmarks/GPU.md): 512 keeps the device busy, and the
+# batch size and peak learning rate per device type, a value or one per norm. CPU, measured
+# (benchmarks/NOTES.md): batch 128 learns far more per second than 512; bn's 2-epoch schedule gains about
+# a point at lr 0.3. CUDA, not yet measured (benchmarks/GPU.md): 512 keeps the device busy, and the
 # learning rate grows with the square root of the batch
 PER_DEVICE = {"batch_size": {"cpu": 128, "cuda": 512}, "lr": {"cpu": 0.2, "cuda": 0.4}}
 PRESETS = {
-    # stops at the target only at its own epoch count (or with --stop-at-target)
-    "fast": dict(epochs=FAST_EPOCHS, stop_at_target=True, **PER_DEVICE),
-    "best": dict(epochs={n: 20 for n in NORMS}, stop_at_target=False, **PER_DEVICE),
+    # the lean layout learns most per second; stops at the target only at its own epoch count
+    "fast": dict(arch="lean", epochs=FAST_EPOCHS, stop_at_target=True,
+                 **{**PER_DEVICE, "lr": {"cpu": {"bn": 0.3, "gn": 0.2, "ln": 0.2}, "cuda": 0.4}}),
+    # the deep layout learns most per epoch, and 20 of its epochs fit in 10 minutes on a 2-core CPU
+    "best": dict(arch="deep", epochs={n: 20 for n in NORMS}, stop_at_target=False, **PER_DEVICE),
 }
 WHITEN_IMAGES = 5_000  # 1.3M patches for the stem's 12x12 covariance: plenty, and a fraction of a second
 # flags that describe this machine, not the experiment: a resumed run takes them from its own command line
@@ -51,7 +54,10 @@ def build_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--norm", default="bn", choices=NORMS)
     p.add_argument("--preset", default="fast", choices=sorted(PRESETS),
-                   help="fast: short schedule, stop at the target; best: the full 20 epochs")
+                   help="fast: the lean network, short schedule, stop at the target; best: the deep network, "
+                        "20 epochs")
+    p.add_argument("--arch", choices=sorted(ARCHS), help="network layout (default: from the preset: fast lean, "
+                                                         "best deep)")
     p.add_argument("--epochs", type=int, help="epochs (default: best 20; fast bn 2, gn and ln 3)")
     p.add_argument("--batch-size", type=int, help="default: from the preset, per device (CPU 128, CUDA 512)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: from the preset, CPU 0.2, CUDA 0.4)")
@@ -100,6 +106,8 @@ def parse_args(argv=None):
         a.default = argparse.SUPPRESS
     args.explicit = sorted(vars(bare.parse_args(argv)))
     preset = PRESETS[args.preset]
+    if args.arch is None:
+        args.arch = preset["arch"]
     if args.epochs is None:
         args.epochs = preset["epochs"][args.norm]
     if args.stop_at_target is None:
@@ -121,7 +129,8 @@ def resolve_settings(args, device):
     source = {}
     for k in PER_DEVICE:
         if getattr(args, k) is None:
-            setattr(args, k, PRESETS[args.preset][k][device.type])
+            value = PRESETS[args.preset][k][device.type]
+            setattr(args, k, value[args.norm] if isinstance(value, dict) else value)
             source[k] = f"preset {args.preset} ({device.type})"
         else:
             source[k] = "command line" if k in args.explicit else "resumed run"
@@ -280,7 +289,7 @@ def setup(args):
     # after the loaders: ffcv sets torch's thread count when it is imported and when a Loader starts
     torch.set_num_threads(args.threads or default_threads())
 
-    model_config = {**(saved["model_config"] if saved else {"norm": args.norm}), "fused": fused}
+    model_config = {**(saved["model_config"] if saved else {"norm": args.norm, "arch": args.arch}), "fused": fused}
     model = make_model(**model_config).to(device)
     fit_time = 0.0
     if not saved:  # a resumed run loads the fitted stem from its checkpoint
@@ -436,7 +445,7 @@ def train(args):
         run.compile_time = warm_up(run)
 
     metrics = {
-        "norm": args.norm, "params": params, "epochs_run": len(run.history), "epochs_planned": args.epochs,
+        "norm": args.norm, "arch": args.arch, "params": params, "epochs_run": len(run.history), "epochs_planned": args.epochs,
         "within_budget": within_budget, "device": device_name(run.device), "dataset": run.manifest["description"],
         "dataset_images": {s: v["images"] for s, v in run.manifest["splits"].items()},
         "loader": args.loader, "amp": run.amp, "amp_requested": args.amp, "compile": run.compile,
