@@ -52,13 +52,12 @@ PARTS = ("tests", "kernels", "time_to_target")
 CHILD = "--child"  # internal: python -m benchmarks.gpu_report --child {kernels,tta} SPEC.json
 
 # time-to-target configurations: name -> (compile, fused norm, CUDA graphs)
+# (CUDA graphs capture the compiled step, so there is no graphs-without-compile configuration)
 CONFIGS = {
     "eager": (False, False, False),
-    "eager-graphs": (False, False, True),
     "compile": (True, False, False),
     "compile-graphs": (True, False, True),
     "fused": (False, True, False),
-    "fused-graphs": (False, True, True),
     "compile-fused": (True, True, False),
     "compile-fused-graphs": (True, True, True),
 }
@@ -266,8 +265,9 @@ def time_kernel_config(fk, shape, dtype_name, fmt_name, modes, impls, device, be
 
 
 def kernels_child(spec):
-    from .kernels import import_kernels, model_norm_shapes
-    fk = import_kernels()
+    import fastcifar_kernels as fk
+
+    from .kernels import model_norm_shapes
     if getattr(importlib.import_module("fastcifar_kernels.group_norm_relu"), "_INTERPRETED", False):
         raise RuntimeError("the kernels were imported under TRITON_INTERPRET: unset it to time the compiled kernels")
     from triton.testing import do_bench
@@ -319,8 +319,10 @@ def train_argvs(args, norm, config, seeds, beton_dir, out, device):
     from types import SimpleNamespace
 
     from .time_to_accuracy import WARMUP_IMAGES, train_argv
-    ns = SimpleNamespace(target=args.target, amp=args.amp, compile=False, preset=args.preset, epochs=args.epochs,
-                         limit=args.limit, threads=None, progress=False, run_plots=False, train_args=args.train_args)
+    # compile=None: the harness adds no --compile of its own; config_flags says it for every configuration
+    ns = SimpleNamespace(target=args.target, amp=args.amp, compile=None, preset=args.preset, epochs=args.epochs,
+                         limit=args.limit, threads=None, progress=False, run_plots=False, train_args=args.train_args,
+                         executor="local", accuracy_only=False, cpus_per_run=None)
     runs = {s: train_argv(ns, norm, s, beton_dir, os.path.join(out, f"s{s}"), device) + config_flags(config)
             for s in seeds}
     ns.epochs, ns.limit = 1, min(WARMUP_IMAGES, args.limit or WARMUP_IMAGES)

@@ -34,9 +34,7 @@ Writes DIR/results.json, DIR/results.md (the same numbers as a table) and DIR/ti
 both files are rewritten after every run, so an interrupted suite keeps what it finished.
 """
 import argparse
-import contextlib
 import gc
-import io
 import itertools
 import json
 import os
@@ -192,16 +190,8 @@ def train_argv(args, norm, seed, data, out, device):
 
 
 def compile_argv(on):
-    """--compile on|off when the user chose, nothing otherwise (the trainer's auto decides).
-    A trainer whose --compile is still a bare switch gets that form."""
-    if on is None:
-        return []
-    with contextlib.redirect_stderr(io.StringIO()):
-        try:
-            T.parse_args(["--compile", "off"])
-        except SystemExit:
-            return ["--compile"] if on else []
-    return ["--compile", "on" if on else "off"]
+    """--compile on|off when the user chose, nothing otherwise (the trainer's auto decides)."""
+    return [] if on is None else ["--compile", "on" if on else "off"]
 
 
 RUN_KEYS = ("params", "within_budget", "device", "amp", "compile", "fused_norm", "preset", "batch_size", "lr",

@@ -164,8 +164,8 @@ def test_configuration_table_gives_the_intended_flags():
     assert G.config_flags("compile-graphs") == ["--compile", "on", "--fused-norm", "off", "--cuda-graphs"]
     assert G.config_flags("fused") == ["--compile", "off", "--fused-norm", "on", "--no-cuda-graphs"]
     assert G.config_flags("compile-fused-graphs") == ["--compile", "on", "--fused-norm", "on", "--cuda-graphs"]
-    assert len({tuple(G.config_flags(c)) for c in G.CONFIGS}) == 8  # eager/compile x unfused/fused x graphs
-    assert G.configs_for("bn", list(G.CONFIGS)) == ["eager", "eager-graphs", "compile", "compile-graphs"]
+    assert len({tuple(G.config_flags(c)) for c in G.CONFIGS}) == 6  # distinct: graphs only with compile
+    assert G.configs_for("bn", list(G.CONFIGS)) == ["eager", "compile", "compile-graphs"]
     assert G.configs_for("ln", list(G.CONFIGS)) == list(G.CONFIGS)
 
 
@@ -222,8 +222,8 @@ def test_time_to_target_records_each_configuration(tmp_path, monkeypatch):
                                                                          "test": {"images": 10000}}}
     monkeypatch.setattr(fastcifar.data, "resolve_source", lambda p: p)
     monkeypatch.setattr(fastcifar.data, "prepare_betons", lambda src, d: ("/betons", manifest))
-    monkeypatch.setattr(G, "train_rejects", lambda argv: "error: no graphs without compile"
-                        if "--cuda-graphs" in argv and argv[argv.index("--compile") + 1] == "off" else None)
+    monkeypatch.setattr(G, "train_rejects", lambda argv: "error: no graphs with the fused norm"
+                        if "--cuda-graphs" in argv and argv[argv.index("--fused-norm") + 1] == "on" else None)
     children = []
 
     def fake_child(kind, spec, out, name, timeout):
@@ -240,10 +240,11 @@ def test_time_to_target_records_each_configuration(tmp_path, monkeypatch):
     rec = G.part_time_to_target(args, ctx)
 
     by = {(c["norm"], c["config"]): c for c in rec["configs"]}
-    assert len(by) == 4 + 8 and ("bn", "fused") not in by
-    assert by[("gn", "eager-graphs")]["status"] == "failed" and "no graphs" in by[("gn", "eager-graphs")]["reason"]
+    assert len(by) == 3 + 6 and ("bn", "fused") not in by
+    refused = by[("gn", "compile-fused-graphs")]
+    assert refused["status"] == "failed" and "no graphs" in refused["reason"]
     names = [n for n, _ in children]
-    assert "tta-gn-eager-graphs" not in names and "tta-gn-compile-fused-graphs" in names  # no child when refused
+    assert "tta-gn-compile-fused-graphs" not in names and "tta-gn-compile-graphs" in names  # no child when refused
     assert by[("gn", "compile")]["status"] == "failed" and "status -11" in by[("gn", "compile")]["reason"]
     assert by[("gn", "fused")]["status"] == "failed" and "seed 1: did not reach" in by[("gn", "fused")]["reason"]
     ok = by[("gn", "compile-fused")]
@@ -282,10 +283,10 @@ def test_cpu_smoke_trains_in_child_processes(small_source, tmp_path, monkeypatch
 
 @pytest.fixture
 def interpreted_kernels(monkeypatch):
-    from conftest import WE_SET_INTERPRET, import_kernels
+    import fastcifar_kernels as fk
+    from conftest import WE_SET_INTERPRET
     if WE_SET_INTERPRET:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-    fk = import_kernels()
     if not fk.fused_available(torch.device("cuda" if torch.cuda.is_available() else "cpu")):
         pytest.skip("the Triton kernels cannot run here")
     return fk
