@@ -130,10 +130,10 @@ def measure(arch, norm, precision, args, device):
 
 
 def report(rows, env, args):
-    header = ["arch", "norm", "precision", "params", "GFLOP/image (train)", "step img/s", "step GFLOP/s",
+    header = ["norm", "arch", "precision", "params", "GFLOP/image (train)", "step img/s", "step GFLOP/s",
               "conv-only img/s", "conv GFLOP/s", "conv share of step", "epoch (s)", "epoch floor (s)"]
     table = markdown_table(header, [
-        [r.get("arch", "lean"), r["norm"], r["precision"], r["params"], fmt(r["train_gflop_per_image"], 4), f"{r['step_images_per_s']:.0f}",
+        [r["norm"], r.get("arch", "lean"), r["precision"], r["params"], fmt(r["train_gflop_per_image"], 4), f"{r['step_images_per_s']:.0f}",
          fmt(r["step_gflop_per_s"], 1), f"{r['conv_images_per_s']:.0f}", fmt(r["conv_gflop_per_s"], 1),
          f"{100 * r['conv_share_of_step']:.0f}%", fmt(r["epoch_s_at_step_speed"], 1),
          fmt(r["epoch_s_floor_at_conv_speed"], 1)] for r in rows])

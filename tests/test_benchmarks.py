@@ -301,19 +301,23 @@ def test_results_md_is_rendered_from_the_json(betons, tmp_path, monkeypatch):
 
 def test_throughput_counts_the_models_flops_and_times_both_ways(tmp_path):
     out = tmp_path / "tp"
-    TP.main(["--norm", "bn", "ln", "--precision", "fp32", "--steps", "1", "--repeats", "1", "--warmup", "0",
-             "--batch-size", "8", "--device", "cpu", "--out", str(out)])
+    TP.main(["--arch", "lean", "deep", "--norm", "bn", "ln", "--precision", "fp32", "--steps", "1", "--repeats", "1",
+             "--warmup", "0", "--batch-size", "8", "--device", "cpu", "--out", str(out)])
     rows = load(out, "throughput.json")["rows"]
-    assert [(r["norm"], r["precision"]) for r in rows] == [("bn", "fp32"), ("ln", "fp32")]
+    assert [(r["arch"], r["norm"]) for r in rows] == [("lean", "bn"), ("lean", "ln"), ("deep", "bn"), ("deep", "ln")]
+    # multiply-accumulates of each layout's 3x3 convs per image: (H*W of the output, C_out, C_in) per conv
+    convs = {"lean": [(16 * 16, 32, 24), (8 * 8, 32, 32), (8 * 8, 46, 32), (4 * 4, 46, 46)],
+             "deep": [(32 * 32, 20, 24), (16 * 16, 20, 20), (16 * 16, 32, 20), (8 * 8, 32, 32), (8 * 8, 40, 32),
+                      (4 * 4, 40, 40)]}
     for r in rows:
         # forward + backward of the 3x3 convs: 3 x 2 x MACs; the stem (no input grad) and head add a little
-        macs = 16 * 16 * 32 * 24 * 9 + 8 * 8 * 32 * 32 * 9 + 8 * 8 * 46 * 32 * 9 + 4 * 4 * 46 * 46 * 9
+        macs = sum(hw * co * ci * 9 for hw, co, ci in convs[r["arch"]])
         assert r["conv_gflop_per_image"] == pytest.approx(6 * macs / 1e9, rel=1e-6)
         assert r["conv_gflop_per_image"] < r["train_gflop_per_image"] < 1.05 * r["conv_gflop_per_image"]
         assert r["step_images_per_s"] > 0 and r["conv_images_per_s"] > 0
         assert r["epoch_s_at_step_speed"] == pytest.approx(50_000 / r["step_images_per_s"])
-    md = table(out, "norm", "throughput.md")
-    assert set(md) == {"bn", "ln"} and md["bn"]["params"] == str(rows[0]["params"])
+    text = (out / "throughput.md").read_text()
+    assert "| bn | lean | fp32 | 49514 |" in text and "| ln | deep | fp32 | 49906 |" in text
     assert (out / "throughput.png").read_bytes().startswith(PNG_MAGIC)
 
 
