@@ -44,13 +44,14 @@ def learnable_source(tmp_path_factory):
 
 @pytest.mark.parametrize("norm", ["bn", "gn", "ln"])
 def test_cli_smoke_learns_and_writes_all_artefacts(tmp_path, learnable_source, norm):
-    # measured with seed 0: bn 52% after its 2 epochs, gn 87% and ln 94% after 3; chance is 10%
-    metrics, out = run(tmp_path, learnable_source, "--norm", norm, "--target-acc", "0.45")
+    # measured with seed 0: bn 40% after its 2 epochs at the fast preset's lr 0.3, gn 87% and ln 94% after 3;
+    # chance is 10%
+    metrics, out = run(tmp_path, learnable_source, "--norm", norm, "--target-acc", "0.35")
     on_disk = json.load(open(os.path.join(out, "metrics.json")))
     assert REQUIRED <= set(on_disk) and on_disk["status"] == "done"
     assert on_disk["norm"] == norm and on_disk["within_budget"] is True and on_disk["params"] <= 50_000
     assert "tarball" in on_disk["dataset"] and HISTORY_KEYS <= set(on_disk["history"][0])
-    assert on_disk["final_test_acc"] >= 0.45 and on_disk["epochs_to_target"] == len(on_disk["history"])
+    assert on_disk["final_test_acc"] >= 0.35 and on_disk["epochs_to_target"] == len(on_disk["history"])
     assert on_disk["stop_at_target"] is True and len(on_disk["history"]) <= train_mod.FAST_EPOCHS[norm]
     for f in ("model.pt", "curves.png", "misclassified.png"):
         assert os.path.getsize(os.path.join(out, f)) > 0
@@ -167,7 +168,7 @@ def test_resume_loads_to_the_cpu_and_restores_cpu_rng_states(tmp_path, small_sou
     monkeypatch.setattr(ck.torch, "load", load)
     got = {}
     monkeypatch.setattr(torch, "set_rng_state", lambda s: got.setdefault("cpu", s))
-    model = make_model("bn")
+    model = make_model("bn", "deep")  # the best preset's layout
     opt = train_mod.make_optimizer(model, 0.1, 5e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     loader = type("L", (), {"load_state_dict": lambda self, s: got.setdefault("loader", s["generator"])})()
@@ -269,11 +270,14 @@ def test_explicit_epochs_run_them_all(tmp_path, small_source):
 
 def test_per_device_batch_size_and_lr_and_where_they_came_from():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object: no GPU needed
-    for dev, want in ((cpu, (128, 0.2)), (cuda, (512, 0.4))):
-        args = train_mod.parse_args([])
+    for norm, dev, want in (("bn", cpu, (128, 0.3)), ("gn", cpu, (128, 0.2)), ("bn", cuda, (512, 0.4))):
+        args = train_mod.parse_args(["--norm", norm])
         src = train_mod.resolve_settings(args, dev)
         assert (args.batch_size, args.lr) == want
         assert src == {"batch_size": f"preset fast ({dev.type})", "lr": f"preset fast ({dev.type})"}
+    args = train_mod.parse_args(["--norm", "bn", "--preset", "best"])
+    train_mod.resolve_settings(args, cpu)
+    assert (args.arch, args.lr, args.epochs, args.stop_at_target) == ("deep", 0.2, 20, False)
     args = train_mod.parse_args(["--batch-size", "64"])
     assert train_mod.resolve_settings(args, cuda)["batch_size"] == "command line" and args.batch_size == 64
 
@@ -310,7 +314,7 @@ def test_cuda_graphs_on_the_cpu_is_one_line_error(tmp_path):
 def test_metrics_record_effective_settings(tmp_path, small_source):
     m, _ = run(tmp_path, small_source, "--epochs", "1", "--limit", "64", "--no-plots")
     assert (m["compile"], m["compile_requested"], m["cuda_graphs"]) == (False, "auto", False)
-    assert (m["batch_size"], m["lr"]) == (32, 0.2)
+    assert (m["batch_size"], m["lr"], m["arch"]) == (32, 0.3, "lean")  # bn's fast-preset lr on the CPU
     assert m["settings_from"] == {"batch_size": "command line", "lr": "preset fast (cpu)"}
 
 
