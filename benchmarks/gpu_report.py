@@ -12,12 +12,12 @@ Parts, each run in processes of its own, so that a crash (a segfault, a sticky C
   kernels         the fused GroupNorm+ReLU against eager F.group_norm + F.relu and torch.compile of that pair, at
                   the gn/ln models' norm shapes, fp32/bf16, NCHW and channels_last, forward and forward+backward
                   (triton.testing.do_bench, median), each shape also checked against fp32 eager
-  time_to_target  time to 70% per norm for eager/compile x unfused/fused x CUDA graphs off/on (CONFIGS; fused
+  time_to_target  time to 70% per norm for eager/compile x unfused/fused, graphs on the compiled (CONFIGS; fused
                   only for gn and ln), --seeds seeds each, every configuration in a fresh process after an
                   untimed warm-up job; the trainer's flag per setting is in TRAIN_FLAGS
 
 Time on one H100, an estimate (no GPU has run this yet): tests 1-2 min, kernels 2-3 min (16 shapes, two
-compiles each), time_to_target about 10 min at 3 seeds (20 configurations x (warm-up + 3 runs); compiling
+compiles each), time_to_target about 10 min at 3 seeds (15 configurations x (warm-up + 3 runs); compiling
 dominates) -- about 15 min in all. --seeds 1 roughly halves time_to_target.
 
 Writes DIR/report.md and DIR/report.json (atomically, after every part and every configuration, so an
