@@ -112,8 +112,8 @@ def parse_args(argv=None):
         args.epochs = preset["epochs"][args.norm]
     if args.stop_at_target is None:
         args.stop_at_target = preset["stop_at_target"] and args.epochs == preset["epochs"][args.norm]
-    if args.epochs < 1:
-        p.error("--epochs must be at least 1")
+    if args.epochs < 1 or (args.limit is not None and args.limit < 1):
+        p.error("--epochs and --limit must be at least 1")
     if (args.lr is not None and args.lr <= 0) or (args.batch_size is not None and args.batch_size < 1) \
             or args.weight_decay < 0:
         p.error("--lr must be positive, --batch-size at least 1, --weight-decay not negative")
@@ -274,6 +274,9 @@ def setup(args):
         raise ConfigError(f"--resume {args.out}: the run trained on {saved['device']}, this process would use "
                           f"{device.type}; resume it with --device {saved['device']}")
     settings_from = resolve_settings(args, device)
+    if args.limit is not None and args.limit < args.batch_size:  # the last partial batch is dropped: no steps
+        raise ConfigError(f"--limit {args.limit} is smaller than the batch size {args.batch_size}, so an epoch "
+                          f"would have no training step; raise --limit or lower --batch-size")
     compile_on, compile_mode = compile_settings(args.compile, args.cuda_graphs, device)
     configure_backends(device)
     torch.manual_seed(args.seed)

@@ -202,7 +202,8 @@ def cli(*args, env=None):
 
 @pytest.mark.parametrize("args,msg", [
     (["--norm", "xyz"], "invalid choice: 'xyz'"),
-    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--epochs", "0"], "--epochs and --limit must be at least 1"),
+    (["--limit", "0"], "--epochs and --limit must be at least 1"),
     (["--lr", "-0.1"], "--lr must be positive"),
     (["--compile", "off", "--cuda-graphs"], "--cuda-graphs captures the compiled step"),
 ])
@@ -309,6 +310,14 @@ def test_cuda_graphs_on_the_cpu_is_one_line_error(tmp_path):
     r = cli("--cuda-graphs", "--device", "cpu", "--out", str(tmp_path / "o"))
     assert r.returncode == 1 and r.stderr.strip() == \
         "error: --cuda-graphs: CUDA graphs need a CUDA device; leave the flag out on the CPU"
+
+
+def test_limit_below_the_batch_size_is_one_line_error(tmp_path):
+    # the last partial batch is dropped, so such a run used to train zero steps and print nan
+    r = cli("--limit", "100", "--device", "cpu", "--out", str(tmp_path / "o"))
+    assert r.returncode == 1 and r.stderr.strip() == ("error: --limit 100 is smaller than the batch size 128, so an "
+                                                      "epoch would have no training step; raise --limit or lower "
+                                                      "--batch-size")
 
 
 def test_metrics_record_effective_settings(tmp_path, small_source):
