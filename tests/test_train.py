@@ -271,7 +271,7 @@ def test_explicit_epochs_run_them_all(tmp_path, small_source):
 
 def test_per_device_batch_size_and_lr_and_where_they_came_from():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object: no GPU needed
-    for norm, dev, want in (("bn", cpu, (128, 0.3)), ("gn", cpu, (128, 0.2)), ("bn", cuda, (512, 0.4))):
+    for norm, dev, want in (("bn", cpu, (128, 0.45)), ("gn", cpu, (128, 0.2)), ("bn", cuda, (512, 0.4))):
         args = train_mod.parse_args(["--norm", norm])
         src = train_mod.resolve_settings(args, dev)
         assert (args.batch_size, args.lr) == want
@@ -323,7 +323,7 @@ def test_limit_below_the_batch_size_is_one_line_error(tmp_path):
 def test_metrics_record_effective_settings(tmp_path, small_source):
     m, _ = run(tmp_path, small_source, "--epochs", "1", "--limit", "64", "--no-plots")
     assert (m["compile"], m["compile_requested"], m["cuda_graphs"]) == (False, "auto", False)
-    assert (m["batch_size"], m["lr"], m["arch"]) == (32, 0.3, "lean")  # bn's fast-preset lr on the CPU
+    assert (m["batch_size"], m["lr"], m["arch"]) == (32, 0.45, "lean")  # bn's fast-preset lr on the CPU
     assert m["settings_from"] == {"batch_size": "command line", "lr": "preset fast (cpu)"}
 
 
