@@ -7,7 +7,7 @@ from fastcifar.train import make_optimizer
 
 
 # the counts the README and results report; norms cost the same 2*C parameters in every variant
-KNOWN_PARAMS = {"lean": 49_514, "deep": 49_906}
+KNOWN_PARAMS = {"lean": 49_514, "deep": 49_906, "separable": 49_598}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -19,10 +19,22 @@ def test_within_parameter_budget(norm, arch):
     assert count_params(m) == KNOWN_PARAMS[arch] <= PARAM_BUDGET
 
 
-@pytest.mark.parametrize("arch,size", [("lean", 16), ("deep", 32)])
+@pytest.mark.parametrize("arch,size", [("lean", 16), ("deep", 32), ("separable", 32)])
 def test_stem_resolution(arch, size):
     m = make_model("bn", arch)
     assert m.stem(torch.randn(2, 3, 32, 32)).shape[-2:] == (size, size)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_separable_layout_is_depthwise_then_pointwise(norm):
+    convs = [m for m in make_model(norm, "separable").features.modules() if isinstance(m, torch.nn.Conv2d)]
+    depthwise, pointwise = convs[0::2], convs[1::2]
+    assert len(depthwise) == len(pointwise) == 7
+    assert all(m.groups == m.in_channels == m.out_channels and m.kernel_size == (3, 3) for m in depthwise)
+    assert all(m.groups == 1 and m.kernel_size == (1, 1) for m in pointwise)
+    # gn/ln standardize the pointwise filters only: a zero-mean 9-tap filter cannot pass a smooth image through
+    assert not any(isinstance(m, StandardizedConv2d) for m in depthwise)
+    assert all(isinstance(m, StandardizedConv2d) == (norm != "bn") for m in pointwise)
 
 
 def test_ln_normalizes_over_c_h_w_with_per_channel_affine():
@@ -109,5 +121,5 @@ def test_standardized_conv_ignores_the_filters_scale_and_offset():
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("norm,standardized", [("bn", False), ("gn", True), ("ln", True)])
 def test_gn_and_ln_standardize_their_conv_filters(norm, standardized, arch):
-    convs = [m for m in make_model(norm, arch).features.modules() if isinstance(m, torch.nn.Conv2d)]
+    convs = [m for m in make_model(norm, arch).features.modules() if isinstance(m, torch.nn.Conv2d) and m.groups == 1]
     assert convs and all(isinstance(c, StandardizedConv2d) == standardized for c in convs)
