@@ -2,13 +2,13 @@
 
     python -m benchmarks.throughput                              # every norm, fp32 and bf16, batch 128
     python -m benchmarks.throughput --norm bn --precision fp32 --batch-size 256
-    python -m benchmarks.throughput --arch lean deep --norm bn --precision bf16   # the two layouts side by side
+    python -m benchmarks.throughput --arch lean deep separable --norm bn --precision bf16   # layouts side by side
 
 For each layout, norm and precision, on random data in channels_last:
   step       --steps timed training steps (forward, label-smoothed loss, backward, Nesterov SGD step) of
              `make_model(norm, arch)` after --warmup untimed ones: images per second, and the FLOPs those
              images cost per second (convolutions and the linear layer, forward and backward).
-  conv only  the model's 3x3 convolutions alone, each run forward and backward at the shape it sees
+  conv only  the model's convolutions alone, each run forward and backward at the shape it sees
              in the model, nothing in between: the speed of the conv kernels themselves. Its images per
              second is the ceiling of any training step that keeps these convolutions, so with the
              epochs a recipe needs it gives the floor on its time to target.
@@ -22,6 +22,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+import torch.utils.flop_counter as flop_formulas
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -72,9 +73,21 @@ def timed(fn, steps, warmup, repeats, device):
     return best
 
 
+def conv_backward_flops(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed,
+                        output_padding, groups, output_mask, out_shape=None, **kwargs):
+    """Each gradient of a conv costs what its forward does. torch's own formula counts the weight gradient
+    as if groups were 1, which makes a depthwise conv's backward C times too large."""
+    if transposed:
+        return flop_formulas.conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation,
+                                                transposed, output_padding, groups, output_mask, out_shape)
+    return (int(output_mask[0]) + int(output_mask[1])) * flop_formulas.conv_flop_count(x_shape, w_shape,
+                                                                                      grad_out_shape)
+
+
 def count_flops(run):
     """FLOPs of one call of `run` in its convolutions and matrix products, forward and backward."""
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False,
+                         custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flops}) as counter:
         run()
     return counter.get_total_flops()
 
@@ -104,7 +117,7 @@ def measure(arch, norm, precision, args, device):
     flops = count_flops(step) / b
     step_s = timed(step, args.steps, args.warmup, args.repeats, device)
 
-    # each 3x3 conv at the input shape it meets in the model
+    # each conv at the input shape it meets in the model
     convs, shapes = [m for m in model.modules() if isinstance(m, nn.Conv2d)], []
     hooks = [m.register_forward_hook(lambda m, inp, out: shapes.append(inp[0].shape)) for m in convs]
     with torch.no_grad():

@@ -299,19 +299,27 @@ def test_results_md_is_rendered_from_the_json(betons, tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- throughput
 
+# the separable layout's convs: (H*W they run at, C_in, C_out); a pool after a conv does not change its H*W
+SEPARABLE = [(32 * 32, 24, 36), (16 * 16, 36, 48), (16 * 16, 48, 64), (16 * 16, 64, 72), (8 * 8, 72, 104),
+             (8 * 8, 104, 104), (4 * 4, 104, 136)]
+
+
 def test_throughput_counts_the_models_flops_and_times_both_ways(tmp_path):
     out = tmp_path / "tp"
-    TP.main(["--arch", "lean", "deep", "--norm", "bn", "ln", "--precision", "fp32", "--steps", "1", "--repeats", "1",
-             "--warmup", "0", "--batch-size", "8", "--device", "cpu", "--out", str(out)])
+    TP.main(["--arch", "lean", "deep", "separable", "--norm", "bn", "ln", "--precision", "fp32", "--steps", "1",
+             "--repeats", "1", "--warmup", "0", "--batch-size", "8", "--device", "cpu", "--out", str(out)])
     rows = load(out, "throughput.json")["rows"]
-    assert [(r["arch"], r["norm"]) for r in rows] == [("lean", "bn"), ("lean", "ln"), ("deep", "bn"), ("deep", "ln")]
-    # multiply-accumulates of each layout's 3x3 convs per image: (H*W of the output, C_out, C_in) per conv
-    convs = {"lean": [(16 * 16, 32, 24), (8 * 8, 32, 32), (8 * 8, 46, 32), (4 * 4, 46, 46)],
-             "deep": [(32 * 32, 20, 24), (16 * 16, 20, 20), (16 * 16, 32, 20), (8 * 8, 32, 32), (8 * 8, 40, 32),
-                      (4 * 4, 40, 40)]}
+    assert [(r["arch"], r["norm"]) for r in rows] == [(a, n) for a in ("lean", "deep", "separable") for n in ("bn", "ln")]
+    # multiply-accumulates of each layout's convs per image: (H*W of the output, C_out, C_in per group, k*k) per conv
+    convs = {"lean": [(16 * 16, 32, 24, 9), (8 * 8, 32, 32, 9), (8 * 8, 46, 32, 9), (4 * 4, 46, 46, 9)],
+             "deep": [(32 * 32, 20, 24, 9), (16 * 16, 20, 20, 9), (16 * 16, 32, 20, 9), (8 * 8, 32, 32, 9),
+                      (8 * 8, 40, 32, 9), (4 * 4, 40, 40, 9)],
+             # depthwise 3x3 (one input channel per filter), then pointwise 1x1
+             "separable": [(hw, c_in, 1, 9) for hw, c_in, _ in SEPARABLE] + [(hw, c_out, c_in, 1)
+                                                                            for hw, c_in, c_out in SEPARABLE]}
     for r in rows:
-        # forward + backward of the 3x3 convs: 3 x 2 x MACs; the stem (no input grad) and head add a little
-        macs = sum(hw * co * ci * 9 for hw, co, ci in convs[r["arch"]])
+        # forward + backward: 3 x 2 x MACs, a depthwise conv's weight gradient included; stem and head add a little
+        macs = sum(hw * co * ci * kk for hw, co, ci, kk in convs[r["arch"]])
         assert r["conv_gflop_per_image"] == pytest.approx(6 * macs / 1e9, rel=1e-6)
         assert r["conv_gflop_per_image"] < r["train_gflop_per_image"] < 1.05 * r["conv_gflop_per_image"]
         assert r["step_images_per_s"] > 0 and r["conv_images_per_s"] > 0

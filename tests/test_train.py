@@ -170,7 +170,7 @@ def test_resume_loads_to_the_cpu_and_restores_cpu_rng_states(tmp_path, small_sou
     monkeypatch.setattr(ck.torch, "load", load)
     got = {}
     monkeypatch.setattr(torch, "set_rng_state", lambda s: got.setdefault("cpu", s))
-    model = make_model("bn", "deep")  # the best preset's layout
+    model = make_model("bn", "separable")  # the best preset's layout for bn
     opt = train_mod.make_optimizer(model, 0.1, 5e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     loader = type("L", (), {"load_state_dict": lambda self, s: got.setdefault("loader", s["generator"])})()
@@ -280,7 +280,12 @@ def test_per_device_batch_size_and_lr_and_where_they_came_from():
         assert src == {"batch_size": f"preset fast ({dev.type})", "lr": f"preset fast ({dev.type})"}
     args = train_mod.parse_args(["--norm", "bn", "--preset", "best"])
     train_mod.resolve_settings(args, cpu)
-    assert (args.arch, args.lr, args.epochs, args.stop_at_target) == ("deep", 0.2, 20, False)
+    assert (args.arch, args.lr, args.epochs, args.stop_at_target) == ("separable", 0.2, 20, False)
+    for norm in ("gn", "ln"):
+        args = train_mod.parse_args(["--norm", norm, "--preset", "best"])
+        assert args.arch == "deep" and args.epochs == 20
+    args = train_mod.parse_args(["--norm", "bn", "--preset", "best", "--arch", "deep"])
+    assert args.arch == "deep"
     args = train_mod.parse_args(["--batch-size", "64"])
     assert train_mod.resolve_settings(args, cuda)["batch_size"] == "command line" and args.batch_size == 64
 
