@@ -38,8 +38,8 @@ PRESETS = {
     "fast": dict(arch="lean", epochs=FAST_EPOCHS, stop_at_target=True,
                  **{**PER_DEVICE, "lr": {"cpu": {"bn": 0.45, "gn": 0.2, "ln": 0.2}, "cuda": 0.4}}),
     # the layout that learns most in 20 epochs per norm (measured), each inside 10 minutes on a 2-core CPU:
-    # gn and ln train the separable layout far slower than deep
-    "best": dict(arch={"bn": "separable", "gn": "deep", "ln": "deep"}, epochs={n: 20 for n in NORMS},
+    # gn and ln train the separable layout far slower than the full-conv ones
+    "best": dict(arch={"bn": "separable", "gn": "deep8", "ln": "deep8"}, epochs={n: 20 for n in NORMS},
                  stop_at_target=False, **PER_DEVICE),
 }
 WHITEN_IMAGES = 5_000  # 1.3M patches for the stem's 12x12 covariance: plenty, and a fraction of a second
@@ -57,9 +57,9 @@ def build_parser():
     p.add_argument("--norm", default="bn", choices=NORMS)
     p.add_argument("--preset", default="fast", choices=sorted(PRESETS),
                    help="fast: the lean network, short schedule, stop at the target; best: 20 epochs of the "
-                        "separable network (bn) or the deep one (gn, ln)")
+                        "separable network (bn) or the deep8 one (gn, ln)")
     p.add_argument("--arch", choices=sorted(ARCHS), help="network layout (default: from the preset: fast lean; "
-                                                         "best separable for bn, deep for gn and ln)")
+                                                         "best separable for bn, deep8 for gn and ln)")
     p.add_argument("--epochs", type=int, help="epochs (default: best 20; fast bn 2, gn and ln 3)")
     p.add_argument("--batch-size", type=int, help="default: from the preset, per device (CPU 128, CUDA 512)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: from the preset, CPU 0.2, CUDA 0.4)")
