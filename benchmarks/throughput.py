@@ -2,7 +2,7 @@
 
     python -m benchmarks.throughput                              # every norm, fp32 and bf16, batch 128
     python -m benchmarks.throughput --norm bn --precision fp32 --batch-size 256
-    python -m benchmarks.throughput --arch lean deep separable --norm bn --precision bf16   # layouts side by side
+    python -m benchmarks.throughput --arch lean deep deep8 separable --norm bn --precision bf16   # layouts side by side
 
 For each layout, norm and precision, on random data in channels_last:
   step       --steps timed training steps (forward, label-smoothed loss, backward, Nesterov SGD step) of
