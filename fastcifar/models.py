@@ -11,8 +11,8 @@ quarter of the pixels, then global max pool and one linear layer:
 - `deep8` (the best preset for gn and ln): deep without its conv on 4x4 maps; those parameters widen the convs
   on 16x16 and 8x8 maps instead (28 and 36 channels at 16x16 against 20 and 32), about 1.2x deep's FLOPs.
 - `separable` (the best preset for bn): deep's stem and resolutions, but each conv is depthwise 3x3 then
-  pointwise 1x1 (one norm after the pair). A 3x3 filter costs 9*C parameters instead of 9*C*C', so the same budget buys
-  2-3x the width (136 channels at the end against 40), and fewer multiply-adds.
+  pointwise 1x1 (one norm after the pair). A 3x3 filter costs 9*C parameters instead of 9*C*C', so the
+  same budget buys 2-3x the width (136 channels at the end against 40), and fewer multiply-adds.
 GN and LN standardize their conv weights, which lets them learn about as fast as BN in a few epochs.
 LayerNorm is GroupNorm with one group: statistics over (C, H, W), affine per channel, so the
 norm costs 2*C parameters rather than the 2*C*H*W of nn.LayerNorm([C, H, W]).
@@ -110,7 +110,8 @@ def conv(norm, c_in, c_out, separable=False):
     Conv = nn.Conv2d if norm == "bn" else StandardizedConv2d
     if separable:
         # a standardized 9-tap filter is zero-mean, so it could not pass a smooth image through (gn then trains slowly)
-        return nn.Sequential(nn.Conv2d(c_in, c_in, 3, padding=1, groups=c_in, bias=False), Conv(c_in, c_out, 1, bias=False))
+        return nn.Sequential(nn.Conv2d(c_in, c_in, 3, padding=1, groups=c_in, bias=False),
+                             Conv(c_in, c_out, 1, bias=False))
     return Conv(c_in, c_out, 3, padding=1, bias=False)
 
 
@@ -137,7 +138,7 @@ class Net(nn.Module):
             raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
-        layout = Layout(*ARCHS[arch])
+        layout = Layout(*ARCHS[arch])  # also takes a plain (stride, layers) tuple, as the kept screening scripts add
         self.stem = PatchWhitening(stride=layout.stem_stride)
         blocks, c = [], self.stem.out_channels
         for width, pool in layout.layers:

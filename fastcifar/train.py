@@ -35,7 +35,7 @@ FAST_EPOCHS = {"bn": 2, "gn": 3, "ln": 3}
 PER_DEVICE = {"batch_size": {"cpu": 128, "cuda": 512}, "lr": {"cpu": 0.2, "cuda": 0.4}}
 PRESETS = {
     # the lean layout learns most per second; stops at the target only at its own epoch count
-    "fast": dict(arch="lean", epochs=FAST_EPOCHS, stop_at_target=True,
+    "fast": dict(arch={n: "lean" for n in NORMS}, epochs=FAST_EPOCHS, stop_at_target=True,
                  **{**PER_DEVICE, "lr": {"cpu": {"bn": 0.45, "gn": 0.2, "ln": 0.2}, "cuda": 0.4}}),
     # the layout that learns most in 20 epochs per norm (measured), each inside 10 minutes on a 2-core CPU:
     # gn and ln train the separable layout far slower than the full-conv ones
@@ -109,7 +109,7 @@ def parse_args(argv=None):
     args.explicit = sorted(vars(bare.parse_args(argv)))
     preset = PRESETS[args.preset]
     if args.arch is None:
-        args.arch = preset["arch"][args.norm] if isinstance(preset["arch"], dict) else preset["arch"]
+        args.arch = preset["arch"][args.norm]
     if args.epochs is None:
         args.epochs = preset["epochs"][args.norm]
     if args.stop_at_target is None:

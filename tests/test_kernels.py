@@ -56,9 +56,7 @@ def _model_norm_shapes():
     """(C, H, W, G) of every group norm in the project's gn and ln models, in the layouts their presets train."""
     from fastcifar.models import make_model
     from fastcifar.train import PRESETS
-    archs = {p["arch"][norm] if isinstance(p["arch"], dict) else p["arch"]
-             for p in PRESETS.values() for norm in ("gn", "ln")}
-    return sorted({s[1:] for norm in ("gn", "ln") for arch in sorted(archs)
+    return sorted({s[1:] for norm in ("gn", "ln") for arch in {p["arch"][norm] for p in PRESETS.values()}
                    for s in fk.norm_shapes(make_model(norm, arch), (2, 3, 32, 32))})
 
 
