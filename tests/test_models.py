@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastcifar.models import ARCHS, NORMS, PARAM_BUDGET, PatchWhitening, StandardizedConv2d, count_params, make_model
+from fastcifar.models import (ARCHS, NORMS, PARAM_BUDGET, PatchWhitening, SeparableConv2d, StandardizedConv2d, count_params,
+                              make_model)
 from fastcifar.train import make_optimizer
 
 
@@ -32,9 +33,61 @@ def test_separable_layout_is_depthwise_then_pointwise(norm):
     assert len(depthwise) == len(pointwise) == 7
     assert all(m.groups == m.in_channels == m.out_channels and m.kernel_size == (3, 3) for m in depthwise)
     assert all(m.groups == 1 and m.kernel_size == (1, 1) for m in pointwise)
-    # gn/ln standardize the pointwise filters only: a zero-mean 9-tap filter cannot pass a smooth image through
-    assert not any(isinstance(m, StandardizedConv2d) for m in depthwise)
-    assert all(isinstance(m, StandardizedConv2d) == (norm != "bn") for m in pointwise)
+    # gn/ln standardize the composite filter of each pair, not either factor
+    assert not any(isinstance(m, StandardizedConv2d) for m in convs)
+    pairs = [m for m in make_model(norm, "separable").modules() if isinstance(m, SeparableConv2d)]
+    assert len(pairs) == 7 and all(p.standardize == (norm != "bn") for p in pairs)
+
+
+def composite_filter(pair):
+    """float64: the 3x3 filter the pair applies, pointwise[o, i] * depthwise[i]"""
+    pointwise = pair[1].composite_weight() if pair.standardize else pair[1].weight
+    return pointwise.double().flatten(1)[:, :, None, None] * pair[0].weight.double().squeeze(1)[None]
+
+
+@pytest.mark.parametrize("c_in,c_out", [(5, 7), (24, 36), (104, 136)])
+def test_standardized_separable_conv_is_a_3x3_conv_with_a_standardized_composite_filter(c_in, c_out):
+    torch.manual_seed(0)
+    pair = SeparableConv2d(c_in, c_out, standardize=True).double()
+    with torch.no_grad():  # filters large enough that the 1e-5 added to the variance (as StandardizedConv2d) is noise
+        pair[0].weight.mul_(10), pair[1].weight.mul_(10)
+    w = composite_filter(pair)
+    var, mean = torch.var_mean(w, dim=(1, 2, 3), unbiased=False)
+    assert mean.abs().max() < 1e-12
+    assert torch.allclose(var, torch.ones_like(var), atol=1e-3)
+    x = torch.randn(3, c_in, 9, 9, dtype=torch.float64)
+    assert torch.allclose(pair(x), F.conv2d(x, w, padding=1), atol=1e-10)
+    # fp32 and channels_last stay close to the float64 result
+    pair32 = SeparableConv2d(c_in, c_out, standardize=True)
+    pair32.load_state_dict(pair.state_dict())
+    out32 = pair32(x.float().contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(out32.double(), F.conv2d(x, w, padding=1), atol=1e-4)
+
+
+def test_standardized_separable_conv_gradients():
+    torch.manual_seed(0)
+    pair = SeparableConv2d(4, 5, standardize=True).double()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, d, w: torch.func.functional_call(pair, {"0.weight": d, "1.weight": w}, (x,)),
+                                    (x, pair[0].weight.detach().clone().requires_grad_(),
+                                     pair[1].weight.detach().clone().requires_grad_()))
+
+
+def test_standardized_separable_conv_ignores_filter_scale_and_constant_inputs():
+    torch.manual_seed(0)
+    pair = SeparableConv2d(6, 8, standardize=True)
+    with torch.no_grad():  # filters large enough that the 1e-5 added to their variance (as in StandardizedConv2d) is noise
+        pair[0].weight.mul_(10)
+    x = torch.randn(2, 6, 8, 8)
+    before = pair(x)
+    with torch.no_grad():
+        pair[1].weight.mul_(torch.rand(8, 1, 1, 1) * 3 + 1)  # any positive scale per output filter
+        pair[0].weight.mul_(2.5)  # one scale for every depthwise filter
+    assert torch.allclose(pair(x), before, rtol=1e-4, atol=1e-3)
+    # a zero-mean composite filter maps a constant image to zero away from the zero-padded border
+    assert pair(torch.full((1, 6, 8, 8), 3.0))[..., 1:-1, 1:-1].abs().max() < 1e-4
+    plain = SeparableConv2d(6, 8)
+    assert torch.equal(plain(x), plain[1](plain[0](x)))
 
 
 def test_ln_normalizes_over_c_h_w_with_per_channel_affine():
@@ -121,5 +174,11 @@ def test_standardized_conv_ignores_the_filters_scale_and_offset():
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("norm,standardized", [("bn", False), ("gn", True), ("ln", True)])
 def test_gn_and_ln_standardize_their_conv_filters(norm, standardized, arch):
-    convs = [m for m in make_model(norm, arch).features.modules() if isinstance(m, torch.nn.Conv2d) and m.groups == 1]
-    assert convs and all(isinstance(c, StandardizedConv2d) == standardized for c in convs)
+    model = make_model(norm, arch)
+    pairs = [m for m in model.features.modules() if isinstance(m, SeparableConv2d)]
+    in_pairs = {id(c) for p in pairs for c in p}
+    convs = [m for m in model.features.modules() if isinstance(m, torch.nn.Conv2d) and id(m) not in in_pairs]
+    # a full conv standardizes its own filter; a separable pair standardizes the composite of its two
+    assert convs or pairs
+    assert all(isinstance(c, StandardizedConv2d) == standardized for c in convs)
+    assert all(p.standardize == standardized for p in pairs)
