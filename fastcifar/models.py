@@ -8,12 +8,12 @@ quarter of the pixels, then global max pool and one linear layer:
 - `deep`: a stride-1 stem keeps 32x32; six convs on 16x16, 8x8 and 4x4 maps. The same
   parameter budget spends about 2.5x the FLOPs per image at higher resolution, which is what 20 epochs
   can afford and what the lean layout lacked (it underfits: train accuracy equals test accuracy).
-- `deep8` (the best preset for gn and ln): deep without its conv on 4x4 maps; those parameters widen the convs
-  on 16x16 and 8x8 maps instead (28 and 36 channels at 16x16 against 20 and 32), about 1.2x deep's FLOPs.
-- `separable` (the best preset for bn): deep's stem and resolutions, but each conv is depthwise 3x3 then
+- `deep8`: deep without its conv on 4x4 maps; those parameters widen the convs on 16x16 and 8x8 maps instead
+  (28 and 36 channels at 16x16 against 20 and 32), about 1.2x deep's FLOPs.
+- `separable` (the best preset): deep's stem and resolutions, but each conv is depthwise 3x3 then
   pointwise 1x1 (one norm after the pair). A 3x3 filter costs 9*C parameters instead of 9*C*C', so the
   same budget buys 2-3x the width (136 channels at the end against 40), and fewer multiply-adds.
-GN and LN standardize their conv weights, which lets them learn about as fast as BN in a few epochs.
+GN and LN standardize their conv weights (a separable pair: its composite filter), which lets them learn about as fast as BN in a few epochs.
 LayerNorm is GroupNorm with one group: statistics over (C, H, W), affine per channel, so the
 norm costs 2*C parameters rather than the 2*C*H*W of nn.LayerNorm([C, H, W]).
 """

@@ -283,7 +283,8 @@ def test_per_device_batch_size_and_lr_and_where_they_came_from():
     assert (args.arch, args.lr, args.epochs, args.stop_at_target) == ("separable", 0.2, 20, False)
     for norm in ("gn", "ln"):
         args = train_mod.parse_args(["--norm", norm, "--preset", "best"])
-        assert args.arch == "deep8" and args.epochs == 20
+        train_mod.resolve_settings(args, cpu)
+        assert (args.arch, args.lr, args.epochs) == ("separable", 0.1, 20)
     args = train_mod.parse_args(["--norm", "bn", "--preset", "best", "--arch", "deep"])
     assert args.arch == "deep"
     args = train_mod.parse_args(["--batch-size", "64"])
