@@ -13,7 +13,8 @@ quarter of the pixels, then global max pool and one linear layer:
 - `separable` (the best preset): deep's stem and resolutions, but each conv is depthwise 3x3 then
   pointwise 1x1 (one norm after the pair). A 3x3 filter costs 9*C parameters instead of 9*C*C', so the
   same budget buys 2-3x the width (136 channels at the end against 40), and fewer multiply-adds.
-GN and LN standardize their conv weights (a separable pair: its composite filter), which lets them learn about as fast as BN in a few epochs.
+GN and LN standardize their conv weights (a separable pair: its composite filter), which lets them learn
+about as fast as BN in a few epochs.
 LayerNorm is GroupNorm with one group: statistics over (C, H, W), affine per channel, so the
 norm costs 2*C parameters rather than the 2*C*H*W of nn.LayerNorm([C, H, W]).
 """
@@ -127,7 +128,7 @@ class CompositeStandardizedPointwise(nn.Conv2d):
     """The pointwise half of a standardized SeparableConv2d. Its filters are projected off each depthwise
     filter's DC gain, which zeroes the composite filter's mean, then scaled to the composite's unit variance.
     All of it is weight-space arithmetic: subtracting the mean from every tap instead needs a per-pixel pass
-    over the output, which made a training step 1.9-2.8x slower on the CPU (measured)."""
+    over the output, which made a training step about 2-3x slower on the CPU (measured)."""
 
     def __init__(self, depthwise, c_out):
         super().__init__(depthwise.out_channels, c_out, 1, bias=False)
