@@ -42,6 +42,10 @@ _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MIN_SPLIT_ELEMS = 512  # a split chunk smaller than this costs more in the second launch than it gains
 
 
+def _interpret_asked():
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 # ---------------------------------------------------------------------------------------------
 # Triton helpers and kernels
 # ---------------------------------------------------------------------------------------------
@@ -311,7 +315,7 @@ if triton is not None:
                         _store_tile(dx_base, c_start + cs, hw_start + hws, mask, width, sg_c, sg_h, sg_w,
                                     (gy * w - s1 - xhat * s2) * rstd, FLAT_HW)
 
-    _TILES = _INTERPRET_TILES if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else _GPU_TILES
+    _TILES = _INTERPRET_TILES if _interpret_asked() else _GPU_TILES
     _fwd_tuned = _tuned(_gn_relu_fwd_kernel, _TILES)
     _bwd_tuned = _tuned(_gn_relu_bwd_kernel, _TILES)
 
@@ -482,8 +486,12 @@ def _torch_backward(dy, x, mean, rstd, G, weight, bias, needs_dx, needs_dw, need
 # Routing: Triton or torch, per (device type, dtype, memory format), decided once
 # ---------------------------------------------------------------------------------------------
 def _kernels_interpreted():
-    # triton's own jit'd helpers (tl.sum's combine function) are fixed when triton is imported: imported before
-    # TRITON_INTERPRET was set, they fail inside an interpreted kernel, so the torch path must be taken then
+    """True when this module's kernels and triton's own jit'd helpers (tl.sum's combine function) are both
+    interpreted. Both are fixed at import: helpers compiled before TRITON_INTERPRET was set fail inside an
+    interpreted kernel, so the torch path must be taken then. Without TRITON_INTERPRET nothing is interpreted,
+    and triton's interpreter (which imports numpy, a package torch does not need) is never imported."""
+    if triton is None or not _interpret_asked():
+        return False
     from triton.language import standard
     from triton.runtime.interpreter import InterpretedFunction
     helper = getattr(standard, "_sum_combine", None)
@@ -491,7 +499,7 @@ def _kernels_interpreted():
         (helper is None or isinstance(helper, InterpretedFunction))
 
 
-_INTERPRETED = triton is not None and _kernels_interpreted()
+_INTERPRETED = _kernels_interpreted()
 _ENV = {}      # environment read once: {"disable": bool, "interpret": bool}
 _ROUTES = {}   # (device type, dtype, channels_last) -> "triton" | "torch" | "error: ..."
 _STATUS = {}   # key -> "ok" | "mismatch: ..." | "unavailable: ..." (verify_kernel's results)
@@ -506,8 +514,8 @@ def _reset_routes():
 
 def _env():
     if not _ENV:
-        on = lambda name: os.environ.get(name, "0") not in ("", "0")  # noqa: E731
-        _ENV.update(disable=on("FASTCIFAR_KERNELS_DISABLE"), interpret=on("TRITON_INTERPRET"))
+        _ENV.update(disable=os.environ.get("FASTCIFAR_KERNELS_DISABLE", "0") not in ("", "0"),
+                    interpret=_interpret_asked())
     return _ENV
 
 
@@ -558,20 +566,26 @@ def _route(x):
     return route
 
 
-def fused_available(x_or_device=None) -> bool:
-    """True when group_norm_relu will run the Triton kernels for this tensor (or device: for some dtype).
+def fused_available(x_or_device=None, dtype=None, channels_last=True) -> bool:
+    """True when group_norm_relu runs the Triton kernels for this tensor, or for this device, dtype (default
+    float32) and memory format: they can run there and have passed their self-check for that key. The
+    self-check (verify_kernel) runs here if it has not yet, so True is never an unchecked answer.
 
     CUDA: needs triton. CPU: needs TRITON_INTERPRET=1, both when this module was imported (triton
-    decides at definition time) and when first used. A tensor's dtype must be fp32/fp16/bf16 (bf16
-    on CUDA from sm80; the interpreter has none). FASTCIFAR_KERNELS_DISABLE=1 turns it off. False too
-    for a key whose self-check failed. The environment is read once per process.
+    decides at definition time) and when first used. The dtype must be fp32/fp16/bf16 (bf16 on CUDA
+    from sm80; the interpreter has none). FASTCIFAR_KERNELS_DISABLE=1 turns it off. The environment is
+    read once per process.
     """
     if isinstance(x_or_device, Tensor):
-        key = _key(*_tensor_key(x_or_device))
-        return _static_route(x_or_device.device, x_or_device.dtype) == "triton" and \
-            _STATUS.get(key, "ok") == "ok"
-    dev = torch.device("cuda" if x_or_device is None else x_or_device)
-    return dev.type in ("cuda", "cpu") and _static_route(dev, torch.float32) == "triton"
+        dev, (_, dtype, channels_last) = x_or_device.device, _tensor_key(x_or_device)
+    else:
+        dev, dtype = torch.device("cuda" if x_or_device is None else x_or_device), dtype or torch.float32
+    if _static_route(dev, dtype) != "triton":
+        return False
+    if _key(dev.type, dtype, channels_last) not in _STATUS and dev.type == "cuda" and \
+            torch.cuda.is_current_stream_capturing():
+        return False  # no self-check possible inside a CUDA graph capture
+    return verify_kernel(dev, dtype, channels_last)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -575,6 +575,19 @@ def test_broken_kernel_is_caught_and_falls_back(broken, fresh_status, monkeypatc
         fk.verify_kernel(DEV, torch.float32, channels_last=True, strict=True)
 
 
+@needs_fused
+def test_fused_available_is_never_true_before_the_self_check(fresh_status, monkeypatch):
+    x = make_inputs((2, 8, 4, 4), 2, "cl")[0]
+    assert fk.kernel_status() == {}
+    assert fk.fused_available(x) is True
+    assert fk.kernel_status() == {f"{DEV.type}/float32/channels_last": "ok"}, "True only after a passed check"
+    real = impl._forward
+    monkeypatch.setattr(impl, "_forward", lambda *a, **k: (lambda out: (out[0].add_(1), *out[1:]))(real(*a, **k)))
+    with pytest.warns(RuntimeWarning, match="disagrees"):
+        assert fk.fused_available(DEV, torch.float32, channels_last=False) is False
+    assert fk.kernel_status()[f"{DEV.type}/float32/contiguous"].startswith("mismatch")
+
+
 def test_verify_where_the_kernels_cannot_run(fresh_status):
     assert fk.verify_kernel("meta") is False
     with pytest.raises(RuntimeError, match="unavailable"):
@@ -664,6 +677,28 @@ def test_imports_and_runs_without_triton():
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
 
 
+def test_imports_and_runs_without_numpy():
+    """torch does not depend on numpy, so neither may the kernels: triton is importable here, the interpreter
+    (which needs numpy) is not asked for, and forward and backward run without numpy ever being imported."""
+    code = (
+        "import importlib.abc, sys, warnings\n"
+        "warnings.simplefilter('ignore')  # torch's own 'Failed to initialize NumPy'\n"
+        "class Hide(importlib.abc.MetaPathFinder):\n"
+        "    def __init__(self, f): self.f = f\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        return None if name.split('.')[0] == 'numpy' else self.f.find_spec(name, path, target)\n"
+        "sys.meta_path[:] = [Hide(f) for f in sys.meta_path]\n"
+        "import torch, fastcifar_kernels as fk\n"
+        "x = torch.randn(2, 8, 4, 4, requires_grad=True)\n"
+        "fk.GroupNormReLU(2, 8)(x).square().sum().backward()\n"
+        "assert x.grad is not None and 'numpy' not in sys.modules\n"
+        "print('ok', 'triton' in sys.modules)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == ["ok", str(impl.triton is not None)]
+
+
 # ------------------------------------------------------------------------------------------------
 # real compilation for a GPU, without one
 # ------------------------------------------------------------------------------------------------
@@ -721,27 +756,37 @@ def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # CUDA only: low precision and a bigger batch on the compiled kernels
 # ------------------------------------------------------------------------------------------------
+def verified_then_poisoned(poisoned, dtype, fmt):
+    """The self-check for this key first (strict), so the allocations counted after it are the call's own."""
+    fk.verify_kernel("cuda", dtype, channels_last=fmt == "cl", strict=True)
+    return len(poisoned)
+
+
 @needs_cuda
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, TOL), (torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
 @pytest.mark.parametrize("fmt", list(FORMATS))
-def test_cuda_dtypes_on_model_shapes(dtype, tol, fmt):
+def test_cuda_dtypes_on_model_shapes(dtype, tol, fmt, poisoned):
     """Low-precision inputs are compared with float64 math on the same (rounded) inputs; the
     tolerance is a couple of output ulps (fp16 2**-10, bf16 2**-7), statistics being fp32."""
     for C, H, W, G in MODEL_SHAPES:
         x, w, b, dy, seed = make_inputs((64, C, H, W), G, fmt, dtype=dtype)
+        n = verified_then_poisoned(poisoned, dtype, fmt)
         y, grads = run_fused(x, G, w, b, dy)
+        assert len(poisoned) > n, "the Triton path did not run"
         assert y.dtype == dtype and grads[1].dtype == dtype
         assert y.is_contiguous(memory_format=FORMATS[fmt])
         check_against_reference(x, G, w, b, dy, seed, tol=tol, y=y, grads=grads)
 
 
 @needs_cuda
-def test_cuda_fp32_weight_with_bf16_activations():
+def test_cuda_fp32_weight_with_bf16_activations(poisoned):
     """What autocast produces: bf16 activations, fp32 parameters; grads keep each input's dtype."""
     x, _, _, dy, seed = make_inputs((8, 40, 16, 16), 5, "cl", dtype=torch.bfloat16)
     w = 1 + 0.2 * torch.randn(40, device="cuda")
     b = 0.05 * torch.randn(40, device="cuda")
+    n = verified_then_poisoned(poisoned, torch.bfloat16, "cl")
     y, grads = run_fused(x, 5, w, b, dy)
+    assert len(poisoned) > n, "the Triton path did not run"
     assert y.dtype == torch.bfloat16 and grads[0].dtype == torch.bfloat16 and grads[1].dtype == torch.float32
     check_against_reference(x, 5, w, b, dy, seed, tol=1.6e-2, y=y, grads=grads)
 
