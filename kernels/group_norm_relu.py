@@ -566,6 +566,13 @@ def _route(x):
     return route
 
 
+def fused_supported(device=None, dtype=torch.float32) -> bool:
+    """True when the Triton kernels can run on this device (default cuda) for this dtype: triton is there, the
+    device and dtype are supported, FASTCIFAR_KERNELS_DISABLE is unset. Nothing runs or is allocated, and it
+    says nothing of the self-check: fused_available does."""
+    return _static_route(torch.device("cuda" if device is None else device), dtype) == "triton"
+
+
 def fused_available(x_or_device=None, dtype=None, channels_last=True) -> bool:
     """True when group_norm_relu runs the Triton kernels for this tensor, or for this device, dtype (default
     float32) and memory format: they can run there and have passed their self-check for that key. The
@@ -580,7 +587,7 @@ def fused_available(x_or_device=None, dtype=None, channels_last=True) -> bool:
         dev, (_, dtype, channels_last) = x_or_device.device, _tensor_key(x_or_device)
     else:
         dev, dtype = torch.device("cuda" if x_or_device is None else x_or_device), dtype or torch.float32
-    if _static_route(dev, dtype) != "triton":
+    if not fused_supported(dev, dtype):
         return False
     if _key(dev.type, dtype, channels_last) not in _STATUS and dev.type == "cuda" and \
             torch.cuda.is_current_stream_capturing():
