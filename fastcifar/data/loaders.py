@@ -1,15 +1,19 @@
 """Batches on the training device: a device-resident loader (default) and ffcv's streaming Loader.
 
 Both yield (images, labels): images normalized float in channels_last, labels int64, on `device`.
-Augmentation runs on that device, vectorized over the batch.
+Augmentation runs on that device, vectorized over the batch. The resident loader reads a beton or a cached
+array file (prepare_data gives either); ffcv's Loader streams betons only.
 """
 import functools
 
 import numpy as np
 import torch
 
-from ..device import default_workers
+from ..device import ConfigError, default_workers
+from . import beton as _beton
+from .arrays import SUFFIX as ARRAY_SUFFIX, read_arrays
 from .beton import read_beton
+from .prepare import FFCV_INSTALL, ffcv_problem
 
 # per-channel statistics of the CIFAR-10 training set, 0..255 scale
 MEAN = (125.31, 122.95, 113.87)
@@ -19,6 +23,11 @@ STD = (62.99, 62.09, 66.70)
 def subset_indices(n, limit):
     """A fixed spread of `limit` of n images: betons are sorted by class, so a prefix would be one class."""
     return np.sort(np.random.default_rng(0).permutation(n)[:limit])
+
+
+def read_split(path):
+    """(images uint8 (N,32,32,3), labels int64 (N,)) from a beton or an array file, the same for the same source."""
+    return read_arrays(path) if str(path).endswith(ARRAY_SUFFIX) else read_beton(path)
 
 
 def augment(x, generator, translate=2, flip=True, cutout=0):
@@ -63,9 +72,9 @@ def normalize(x, dtype=torch.float32):
 class ResidentLoader:
     """The whole split lives on the device as one uint8 tensor; each batch is augmented there."""
 
-    def __init__(self, beton, batch_size, device, train, seed=0, translate=2, flip=True, cutout=0,
+    def __init__(self, path, batch_size, device, train, seed=0, translate=2, flip=True, cutout=0,
                  limit=None, drop_last=None):
-        images, labels = read_beton(beton)
+        images, labels = read_split(path)
         if limit:
             keep = subset_indices(len(labels), limit)
             images, labels = images[keep], labels[keep]
@@ -109,6 +118,14 @@ class FFCVLoader:
 
     def __init__(self, beton, batch_size, device, train, seed=0, translate=2, flip=True, cutout=0,
                  num_workers=None, limit=None, drop_last=None):
+        problem = ffcv_problem()
+        if problem:
+            raise ConfigError(f"--loader ffcv needs ffcv, and {problem}: {FFCV_INSTALL}, or use --loader resident")
+        if str(beton).endswith(ARRAY_SUFFIX):
+            raise ConfigError(f"--loader ffcv streams betons, and {beton} is an array file: use --loader resident")
+        validate = getattr(_beton, "validate_beton", None)  # the beton's own integrity check, where there is one
+        if validate is not None:
+            validate(beton)
         from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
@@ -155,7 +172,7 @@ class FFCVLoader:
 
 def _beton_len(path):
     from ffcv.reader import Reader
-    return Reader(path).num_samples
+    return int(Reader(path).num_samples)  # a numpy uint64, which would make subset_indices' indices float64
 
 
 LOADERS = {"resident": ResidentLoader, "ffcv": FFCVLoader}
