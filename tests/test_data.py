@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED_JPEG, make_tar, write_image_folder, write_official
+from conftest import SHARED_JPEG, make_tar, write_image_folder
 from fastcifar.data import DataError, ensure_betons, prepare_betons, read_beton, read_source
-from fastcifar.data.beton import MANIFEST, check_manifest
+from fastcifar.data.beton import MANIFEST, MARKER, check_manifest
+from test_downloads import write_official  # with batches.meta, which a complete official folder has
 from fastcifar.data.loaders import MEAN, STD, ResidentLoader, augment, normalize
 from fastcifar.data.sources import CLASSES
 
@@ -220,7 +221,65 @@ def test_beton_folder_as_source(tmp_path, image_folder):
     _expect("train.beton is truncated or corrupt", prepare_betons, out)
     with open(p, "wb") as f:
         f.write(b"not a beton at all")
-    _expect("not a readable beton", read_beton, p)
+    _expect("not a beton this project can read: 18 bytes", read_beton, p)
+
+
+# ---------------------------------------------------------------- whose folder it is
+
+def _snapshot(folder):
+    return {n: (open(os.path.join(folder, n), "rb").read(), os.stat(os.path.join(folder, n)).st_mtime_ns)
+            for n in sorted(os.listdir(folder))}
+
+
+@pytest.mark.parametrize("contents", ["user files", "foreign manifest", "foreign betons"])
+def test_a_foreign_folder_is_never_converted_into(tmp_path, image_folder, contents):
+    """Conversion unlinks a manifest and partial files, and replaces train.beton and test.beton: only in a folder
+    that is ours. A checkpoint or a typo naming someone's folder as --beton-dir must not cost them a file."""
+    root, _ = image_folder
+    folder = tmp_path / "theirs"
+    folder.mkdir()
+    if contents == "user files":
+        (folder / "notes.txt").write_text("mine")
+        (folder / "test.beton.partial-1").write_text("a name like ours, not ours")
+    elif contents == "foreign manifest":
+        (folder / MANIFEST).write_text('{"name": "a web app", "version": 3}')
+    else:  # betons of the user's own, no manifest of ours
+        (folder / "train.beton").write_bytes(b"their train set")
+        (folder / "test.beton").write_bytes(b"their test set")
+    before = _snapshot(str(folder))
+    _expect("not empty and not a fastcifar beton folder", ensure_betons, root, str(folder))
+    assert _snapshot(str(folder)) == before, "nothing may be written, replaced or removed"
+    with pytest.raises(DataError, match="not a fastcifar beton folder"):
+        prepare_betons(root, str(folder), progress=lambda s: None)
+
+
+def test_our_folders_are_converted_into(tmp_path, image_folder):
+    root, _ = image_folder
+    new, empty, old = tmp_path / "new", tmp_path / "empty", tmp_path / "old"
+    empty.mkdir()
+    for folder in (new, empty):
+        ensure_betons(root, str(folder), progress=lambda s: None)
+        assert (folder / MARKER).exists() and check_manifest(str(folder))[0] is not None
+    # a folder an older version converted (its manifest, no marker), whose test.beton was damaged since
+    ensure_betons(root, str(old), progress=lambda s: None)
+    (old / MARKER).unlink()
+    (old / "test.beton").write_bytes(b"damaged")
+    msgs = []
+    ensure_betons(root, str(old), progress=msgs.append)
+    assert msgs and check_manifest(str(old))[0] is not None and (old / MARKER).exists()
+    # killed by an older version before its first beton: nothing but its lock and a partial file
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / ".lock").write_text("")
+    (killed / "train.beton.partial-4242").write_bytes(b"half")
+    ensure_betons(root, str(killed), progress=lambda s: None)
+    assert sorted(os.listdir(killed)) == sorted([".lock", MARKER, MANIFEST, "train.beton", "test.beton"])
+
+
+def test_a_file_where_the_folder_should_be(tmp_path, image_folder):
+    root, _ = image_folder
+    (tmp_path / "f").write_text("x")
+    _expect("cannot use it as a beton folder", ensure_betons, root, str(tmp_path / "f"))
 
 
 # ---------------------------------------------------------------- augmentation and loaders

@@ -1,7 +1,6 @@
 """Convert a CIFAR-10 source to FFCV .beton files once, atomically, and read them back."""
 import _thread
 import contextlib
-import fcntl
 import hashlib
 import json
 import multiprocessing
@@ -13,11 +12,12 @@ import time
 import numpy as np
 
 from ..device import default_workers
-from ..io import atomic_write_json
+from ..io import atomic_write_json, fsync_dir, locked
 from .sources import CLASSES, SPLITS, DataError, read_source, source_fingerprint
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+MARKER = ".fastcifar-betons"  # written into a folder before any beton: the folder is ours to clean up
 
 
 def _sha256(path):
@@ -28,15 +28,91 @@ def _sha256(path):
     return h.hexdigest()
 
 
-@contextlib.contextmanager
 def _locked(folder):
     # concurrent runs on one folder: the second waits, then finds the first one's betons valid
-    with open(os.path.join(folder, ".lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return locked(os.path.join(folder, ".lock"))
+
+
+# ---------------------------------------------------------------- the file format, checked before ffcv reads it
+# ffcv 1.0.2 (ffcv/types.py, reader.py, fields/): a header, one descriptor per field, one metadata row per sample,
+# the data pages, and from alloc_table_ptr to the end of the file one allocation per stored blob. ffcv's raw decode
+# copies an allocation's `size` bytes into a 32x32x3 slot and looks a blob up by its metadata pointer, unchecked.
+_HEADER = np.dtype([("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"), ("num_samples", "<u8"),
+                    ("alloc_table_ptr", "<u8")], align=True)
+_FIELD = np.dtype([("type_id", "<u1"), ("name", ("<u1", 16)), ("arguments", ("<u1", (1024,)))], align=True)
+_ALLOC = np.dtype([("sample_id", "<u8"), ("ptr", "<u8"), ("size", "<u8")])
+_META = np.dtype([("image", np.dtype([("mode", "<u1"), ("width", "<u2"), ("height", "<u2"), ("data_ptr", "<u8")])),
+                  ("label", "<i8")], align=True)
+_VERSION, _RAW, _IMAGE_BYTES = 2, 1, 32 * 32 * 3
+_FIELDS = ((2, "image"), (1, "label"))  # ffcv's type ids of RGBImageField and IntField, in the order we write
+_DATA_START = _HEADER.itemsize + len(_FIELDS) * _FIELD.itemsize  # where the metadata table begins
+
+
+def _parse_beton(path):
+    """(labels, why): the labels of a beton that is exactly what write_beton writes, or why it is not."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(_DATA_START)
+            if len(head) < _DATA_START:
+                return None, f"{size} bytes, shorter than a beton's header"
+            h = np.frombuffer(head, _HEADER, 1)[0]
+            n, table, page = int(h["num_samples"]), int(h["alloc_table_ptr"]), int(h["page_size"])
+            if h["version"] != _VERSION:
+                return None, f"format version {h['version']}, not ffcv's {_VERSION}"
+            if h["num_fields"] != len(_FIELDS):
+                return None, f"{h['num_fields']} fields, not an image and a label"
+            if page < 4096 or page & (page - 1):
+                return None, f"page size {page} is not a power of two"
+            fields = np.frombuffer(head, _FIELD, len(_FIELDS), _HEADER.itemsize)
+            for (type_id, name), fd in zip(_FIELDS, fields):
+                if fd["type_id"] != type_id or fd["name"].tobytes() != name.encode().ljust(16, b"\0") \
+                        or fd["arguments"].any():
+                    return None, f"its fields are not a raw RGB image and an int label"
+            data_start = _DATA_START + n * _META.itemsize
+            if n < 1 or data_start > table or table > size or size - table != n * _ALLOC.itemsize:
+                return None, (f"its header ({n} samples, allocation table at byte {table}) does not fit its "
+                              f"{size} bytes")
+            meta = np.frombuffer(f.read(n * _META.itemsize), _META)
+            f.seek(table)
+            alloc = np.frombuffer(f.read(), _ALLOC)
+    except OSError as e:
+        return None, f"unreadable ({e.strerror or type(e).__name__})"
+    if len(meta) != n or len(alloc) != n:  # the file changed while it was read
+        return None, "it changed while being read"
+    ids, ptrs = alloc["sample_id"], alloc["ptr"]
+    if not np.array_equal(np.sort(ids), np.arange(n, dtype=np.uint64)):
+        return None, f"its allocation table does not list samples 0..{n - 1} once each"
+    sizes = alloc["size"]
+    if (sizes != _IMAGE_BYTES).any():
+        i = int(np.flatnonzero(sizes != _IMAGE_BYTES)[0])
+        return None, f"sample {ids[i]}'s image takes {sizes[i]} bytes, not {_IMAGE_BYTES}"
+    if table - _IMAGE_BYTES < data_start or (ptrs < data_start).any() or (ptrs > table - _IMAGE_BYTES).any():
+        return None, "an image pointer lies outside the file's data region"
+    if (np.diff(np.sort(ptrs)) < _IMAGE_BYTES).any():
+        return None, "two images overlap"
+    img = meta["image"]
+    if (img["mode"] != _RAW).any() or (img["width"] != 32).any() or (img["height"] != 32).any():
+        return None, "its metadata does not describe raw 32x32 images"
+    by_sample = np.empty(n, np.uint64)
+    by_sample[ids] = ptrs
+    if (img["data_ptr"] != by_sample).any():
+        return None, "its metadata points at other bytes than its allocation table"
+    labels = meta["label"]
+    if ((labels < 0) | (labels >= len(CLASSES))).any():
+        return None, f"labels outside 0..{len(CLASSES) - 1}"
+    return labels.astype(np.int64), None
+
+
+def validate_beton(path):
+    """The number of samples in the beton at path, after checking its header, field descriptors, metadata and whole
+    allocation table against the file itself: exactly the two fields this project writes, every image one raw 32x32x3
+    blob inside the file, sample ids complete and unique, labels in 0..9. Anything else is a one-line DataError.
+    ffcv's Loader trusts all of it (a size it reads there is how many bytes it copies), so call this before one."""
+    labels, why = _parse_beton(path)
+    if why:
+        raise DataError(f"{path}: not a beton this project can read: {why}")
+    return len(labels)
 
 
 class _ArrayDataset:
@@ -160,6 +236,7 @@ def write_beton(split, path, num_workers=None):
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -196,6 +273,12 @@ def check_manifest(folder, fingerprint=None):
             # size is cheap; the hash catches a same-size beton that was overwritten
             if os.path.getsize(p) != info["bytes"] or _sha256(p) != info["sha256"]:
                 return None, f"{split}.beton is truncated or corrupt (it does not match {MANIFEST})"
+            # the sha256 is the manifest's own word: the file must also be one that ffcv can read safely
+            labels, why = _parse_beton(p)
+            if why:
+                return None, f"{split}.beton is not a beton this project can read: {why}"
+            if np.bincount(labels, minlength=len(CLASSES)).tolist() != info["per_class"]:
+                return None, f"{split}.beton's labels do not match {MANIFEST}"
         return m, None
     except FileNotFoundError as e:
         return None, f"{os.path.basename(e.filename or '')} is missing"
@@ -239,9 +322,42 @@ def prepare_betons(source, beton_dir=None, progress=print):
     return folder, ensure_betons(source, folder, progress)
 
 
+def _our_manifest(folder):
+    try:
+        with open(os.path.join(folder, MANIFEST)) as f:
+            m = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(m, dict) and "format_version" in m and "source" in m and "splits" in m
+
+
+def _leftover(name):
+    return name.startswith(tuple(f"{split}.beton.partial-" for split in SPLITS) + (f".{MANIFEST}.",))
+
+
+def _claim_folder(folder):
+    """Make sure folder is ours to convert into: new or empty, already marked, or a beton folder we wrote (its
+    manifest, or nothing but our own lock and leftovers); mark it. Any other folder is refused: conversion
+    removes and replaces files by name."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        names = os.listdir(folder)
+    except OSError as e:
+        raise DataError(f"{folder}: cannot use it as a beton folder ({e.strerror or type(e).__name__})") from None
+    if MARKER in names:
+        return
+    if names and not _our_manifest(folder) and not all(n == ".lock" or _leftover(n) for n in names):
+        raise DataError(f"{folder}: not empty and not a fastcifar beton folder, so nothing is converted into it; "
+                        "name a new or empty folder (--beton-dir)")
+    with open(os.path.join(folder, MARKER), "w") as f:
+        f.write("fastcifar beton folder: train.beton, test.beton and manifest.json are converted here\n")
+    fsync_dir(folder)
+
+
 def ensure_betons(source, folder, progress=print):
-    """Return the manifest of valid train/test betons for `source` in `folder`, converting if needed."""
-    os.makedirs(folder, exist_ok=True)
+    """Return the manifest of valid train/test betons for `source` in `folder`, converting if needed. Only a new,
+    empty or fastcifar beton folder is used; any other is a DataError, and nothing in it is touched."""
+    _claim_folder(folder)
     fingerprint = source_fingerprint(source)
     m = _manifest_ok(folder, fingerprint)
     if m:
@@ -269,9 +385,8 @@ def ensure_betons(source, folder, progress=print):
 def _remove_leftovers(folder):
     """Partial betons and manifest temp files of a killed conversion. Called with the folder's lock held:
     every writer holds it, so whatever is found is stale, not another process's work in progress."""
-    prefixes = tuple(f"{split}.beton.partial-" for split in SPLITS) + (f".{MANIFEST}.",)
     for name in os.listdir(folder):
-        if name.startswith(prefixes):
+        if _leftover(name):
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(folder, name))
 
@@ -279,6 +394,11 @@ def _remove_leftovers(folder):
 def read_beton(path, num_workers=None, indices=None):
     """Decode a beton (or its `indices`) with ffcv's Loader into (images uint8 (N,32,32,3), labels int64 (N,))."""
     import torch
+    n = validate_beton(path)  # before ffcv: its Loader trusts every size and pointer in the file
+    if indices is not None:
+        indices = np.asarray(indices)
+        if indices.size and (indices.dtype.kind not in "iu" or indices.min() < 0 or indices.max() >= n):
+            raise DataError(f"{path}: sample indices outside 0..{n - 1}")
     threads = torch.get_num_threads()  # before the import: importing ffcv sets torch to one thread
     from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
@@ -293,10 +413,12 @@ def read_beton(path, num_workers=None, indices=None):
     finally:
         torch.set_num_threads(threads)  # ffcv's Loader sets torch's thread count to its worker count
     images, labels = np.concatenate(xs), np.concatenate(ys).reshape(-1).astype(np.int64)
-    # ffcv checks nothing: a damaged beton decodes to wrong pixels or labels. Only the manifest's sha256
-    # (prepare_betons, ensure_betons) catches the former; an impossible label at least is caught here.
-    if images.shape[1:] != (32, 32, 3) or (labels.size and (labels.min() < 0 or labels.max() >= len(CLASSES))):
-        raise DataError(f"{path}: damaged beton (images of shape {images.shape[1:]} or labels outside 0..9)")
+    # validate_beton vouches for the structure; changed pixels (no checksum in ffcv's format) only the manifest's
+    # sha256 catches (prepare_betons, ensure_betons). A file changed between the check and the read lands here.
+    want = n if indices is None else len(indices)
+    if images.shape != (want, 32, 32, 3) or (labels.size and (labels.min() < 0 or labels.max() >= len(CLASSES))):
+        raise DataError(f"{path}: damaged beton ({images.shape[0]} images of shape {images.shape[1:]} "
+                        f"or labels outside 0..9)")
     return images, labels
 
 

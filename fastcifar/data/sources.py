@@ -1,18 +1,35 @@
 """Read CIFAR-10 from the official python distribution or from an image-folder tree/tarball."""
 import codecs
+import contextlib
+import hashlib
 import io
+import json
 import os
 import pickle
 import re
+import shutil
 import tarfile
+import tempfile
 import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..io import atomic_write_json, fsync_dir, locked
+
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 SPLITS = ("train", "test")
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+OFFICIAL_ARCHIVE = "cifar-10-python.tar.gz"
+OFFICIAL_FOLDER = "cifar-10-batches-py"
+OFFICIAL_MD5 = "c58f30108f718f92721af3b95e74349a"  # the archive's, as published with it
+# the archive's members (the same md5s torchvision checks): an extracted copy is accepted only when all match
+OFFICIAL_FILE_MD5 = {
+    "data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e",
+    "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
+}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
@@ -99,6 +116,7 @@ def _concat(parts):
 
 
 _OFFICIAL_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+_OFFICIAL_NAMES = [n for names in _OFFICIAL_FILES.values() for n in names] + ["batches.meta"]
 
 
 def read_official_dir(path):
@@ -209,8 +227,13 @@ def _read_tar(path):
 
 # ---------------------------------------------------------------- entry point
 
+def _official_missing(path):
+    """The official files a folder lacks: [] for a complete one, all of them for a folder that is not one."""
+    return [n for n in _OFFICIAL_NAMES if not os.path.isfile(os.path.join(path, n))]
+
+
 def _is_official_dir(path):
-    return os.path.isfile(os.path.join(path, "data_batch_1")) or os.path.isfile(os.path.join(path, "test_batch"))
+    return not _official_missing(path)
 
 
 def read_source(path):
@@ -219,10 +242,14 @@ def read_source(path):
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file or folder")
     if os.path.isdir(path):
+        for folder in (path, os.path.join(path, OFFICIAL_FOLDER)):
+            missing = _official_missing(folder)
+            if missing and len(missing) < len(_OFFICIAL_NAMES):  # some official files, not all: half a copy
+                raise DataError(f"{folder}: official CIFAR-10 folder lacks {', '.join(missing)}")
         if _is_official_dir(path):
             splits, kind = read_official_dir(path), "official python batches"
-        elif _is_official_dir(os.path.join(path, "cifar-10-batches-py")):
-            splits, kind = read_official_dir(os.path.join(path, "cifar-10-batches-py")), "official python batches"
+        elif _is_official_dir(os.path.join(path, OFFICIAL_FOLDER)):
+            splits, kind = read_official_dir(os.path.join(path, OFFICIAL_FOLDER)), "official python batches"
         else:
             if not any(os.scandir(path)):
                 raise DataError(f"{path}: folder is empty")
@@ -234,17 +261,138 @@ def read_source(path):
     return Dataset(f"{os.path.abspath(path)} ({kind})", splits)
 
 
-def download_official(root):
-    """Fetch the official tarball with torchvision (needs a network); returns the extracted folder."""
-    from torchvision.datasets.utils import download_and_extract_archive
-    folder = os.path.join(root, "cifar-10-batches-py")
+# ---------------------------------------------------------------- the official download
+
+def _md5(path):
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _record(folder):
+    # beside the folder, not in it: the folder's own contents are the source whose fingerprint betons carry
+    return os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}.verified.json")
+
+
+def _stats(folder):
+    return {n: [st.st_size, st.st_mtime_ns] for n in _OFFICIAL_NAMES for st in [os.stat(os.path.join(folder, n))]}
+
+
+def _official_md5s(folder):
+    return _is_official_dir(folder) and all(_md5(os.path.join(folder, n)) == OFFICIAL_FILE_MD5[n]
+                                            for n in _OFFICIAL_NAMES)
+
+
+def _remember_verified(folder):
+    with contextlib.suppress(OSError):  # without the record the next run checks the md5s again, that is all
+        atomic_write_json(_record(folder), _stats(folder))
+
+
+def _download_ok(folder):
+    """Whether folder is a complete, verified extraction of the official archive: every file's md5 matched once
+    (a folder extracted in place by an older version, possibly half, is checked then), and its sizes and mtimes
+    are still the ones recorded then."""
     if not _is_official_dir(folder):
+        return False
+    try:
+        with open(_record(folder)) as f:
+            if json.load(f) == _stats(folder):
+                return True
+    except (OSError, ValueError):
+        pass
+    try:
+        if not _official_md5s(folder):
+            return False
+    except OSError:
+        return False
+    _remember_verified(folder)
+    return True
+
+
+def _fetch(url, path):
+    """Download url to path (needs a network). Only this touches the network: tests replace it."""
+    from torchvision.datasets.utils import download_url
+    download_url(url, os.path.dirname(path), os.path.basename(path))
+
+
+def _remove_leftovers(root):
+    # a killed download or extraction leaves these; called with root's lock held, so none is in progress
+    for name in os.listdir(root):
+        if name.startswith((f"{OFFICIAL_ARCHIVE}.partial-", ".extract-")):
+            p = os.path.join(root, name)
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(p)
+
+
+def _download_archive(archive):
+    """Fetch the official archive to a temporary name, check its md5, rename it into place."""
+    tmp = f"{archive}.partial-{os.getpid()}"
+    try:
+        _fetch(OFFICIAL_URL, tmp)
+        got = _md5(tmp)
+        if got != OFFICIAL_MD5:
+            raise DataError(f"the downloaded {OFFICIAL_ARCHIVE} has md5 {got}, not the official {OFFICIAL_MD5}; "
+                            "pass --data PATH or set FASTCIFAR_DATA")
+        os.replace(tmp, archive)
+        fsync_dir(os.path.dirname(archive))
+    except DataError:
+        raise
+    except Exception as e:  # no route, DNS, HTTP errors: all mean "no network source"
+        raise DataError(f"no local CIFAR-10 given and the download failed ({type(e).__name__}: {_one_line(e)}); "
+                        "pass --data PATH or set FASTCIFAR_DATA") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def _extract_archive(archive, root):
+    """Extract the archive into a temporary folder (members that would land outside it, links included, are
+    refused by tarfile's data filter), check every file, then rename the folder into place."""
+    tmp = tempfile.mkdtemp(prefix=".extract-", dir=root)
+    try:
         try:
-            download_and_extract_archive(OFFICIAL_URL, root, md5=None)
-        except Exception as e:  # no route, DNS, HTTP errors: all mean "no network source"
-            raise DataError(f"no local CIFAR-10 given and the download failed ({type(e).__name__}: {e}); "
-                            "pass --data PATH or set FASTCIFAR_DATA") from None
-    return folder
+            with tarfile.open(archive, "r:gz") as tf:
+                tf.extractall(tmp, filter="data")
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            raise DataError(f"{archive}: cannot be extracted ({type(e).__name__}: {_one_line(e)})") from None
+        got = os.path.join(tmp, OFFICIAL_FOLDER)
+        if not _official_md5s(got):
+            raise DataError(f"{archive}: its {OFFICIAL_FOLDER} is not the official one (files missing or their md5s "
+                            "differ)")
+        folder = os.path.join(root, OFFICIAL_FOLDER)
+        if os.path.lexists(folder):  # an incomplete or damaged extraction of ours: moved aside, then removed
+            os.rename(folder, os.path.join(tmp, "old"))
+        os.rename(got, folder)
+        fsync_dir(root)
+        _remember_verified(folder)
+        return folder
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def download_official(root):
+    """The extracted official distribution in root, downloaded (needs a network) and extracted if need be. Under a
+    lock on root: two first runs at once download once; a killed one leaves nothing that is taken as complete."""
+    folder = os.path.join(root, OFFICIAL_FOLDER)
+    if _download_ok(folder):
+        return folder
+    try:
+        os.makedirs(root, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{root}: cannot create the download folder ({e.strerror or type(e).__name__})") from None
+    with locked(os.path.join(root, ".lock")):
+        if _download_ok(folder):  # another process finished it while we waited
+            return folder
+        _remove_leftovers(root)
+        archive = os.path.join(root, OFFICIAL_ARCHIVE)
+        if not (os.path.isfile(archive) and _md5(archive) == OFFICIAL_MD5):  # missing, cut short or damaged
+            _download_archive(archive)
+        return _extract_archive(archive, root)
 
 
 def resolve_source(path=None, download_root=None):
