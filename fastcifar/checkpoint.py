@@ -8,7 +8,7 @@ import torch
 
 from .io import atomic_write_bytes
 
-CHECKPOINT_VERSION = 2  # 2: RNG states per device type ({"cpu": ..., "cuda": [...]})
+CHECKPOINT_VERSION = 3  # 2: RNG states per device type; 3: the run's TrainConfig under "config"
 
 
 class CheckpointError(RuntimeError):
@@ -30,15 +30,17 @@ def _number(v):
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-def _rng_state(v):
-    return isinstance(v, torch.Tensor) and v.dtype == torch.uint8 and v.dim() == 1
+def _rng_state(v, like=None):
+    return isinstance(v, torch.Tensor) and v.dtype == torch.uint8 and v.dim() == 1 and \
+        (like is None or v.shape == like.shape)
 
 
 def _structure_error(state):
     """Why the top level of a loaded checkpoint is not what training writes, or None."""
     epoch, history, rng = state.get("epoch"), state.get("history"), state.get("rng")
-    if not isinstance(state.get("model"), dict):
-        return "'model' is not a state dict"
+    for key in ("model", "optimizer", "scheduler", "loader"):
+        if not isinstance(state.get(key), dict):
+            return f"'{key}' is not a state dict"
     if type(epoch) is not int or epoch < 0:
         return f"'epoch' is {epoch!r}, not a count of epochs"
     if not isinstance(history, list) or len(history) != epoch:
@@ -47,16 +49,16 @@ def _structure_error(state):
         if not (isinstance(h, dict) and all(isinstance(k, str) and (_number(v) or v is None) for k, v in h.items())
                 and h.get("epoch") == i + 1):
             return f"'history' entry {i} is not epoch {i + 1}'s numbers"
-    for key in ("args", "model_config"):
+    for key in ("config", "model_config"):
         if not (isinstance(state.get(key), dict) and all(isinstance(k, str) for k in state[key])):
             return f"'{key}' is not a dict of settings"
     if state.get("device") not in ("cpu", "cuda"):
         return f"'device' is {state.get('device')!r}, not 'cpu' or 'cuda'"
-    if not (isinstance(rng, dict) and _rng_state(rng.get("cpu"))
+    if not (isinstance(rng, dict) and _rng_state(rng.get("cpu"), torch.get_rng_state())
             and (isinstance(rng.get("cuda"), (list, tuple)) and all(map(_rng_state, rng["cuda"]))
                  if "cuda" in rng else True)):
         return "'rng' does not hold generator states"
-    if "compile_time_s" in state and not _number(state["compile_time_s"]):
+    if not _number(state.get("compile_time_s")):
         return "'compile_time_s' is not a number"
     return None
 

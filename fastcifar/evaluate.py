@@ -9,15 +9,13 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, load_checkpoint
-from .data import CLASSES, DataError, prepare_betons, resolve_source
+from .checkpoint import CheckpointError, load_checkpoint, load_state
+from .config import TTA_VIEWS as TTA
+from .data import CLASSES, DataError, prepare_data, resolve_source
+from .data.loaders import ResidentLoader
 from .device import ConfigError, pick_device
 from .io import atomic_write_json
-from .data.loaders import ResidentLoader
 from .models import make_model
-
-
-TTA = ("off", "flip", "flip-shift")
 
 
 def shifted(x, d):
@@ -76,21 +74,24 @@ def main(argv=None):
         device = pick_device(args.device)
         ckpt = load_checkpoint(args.checkpoint)
         # the torch norm path: the same function as the fused kernel, and it runs on any device
-        model = make_model(**{**ckpt["model_config"], "fused": False}).to(device)
-        model.load_state_dict(ckpt["model"])
-        folder, manifest = prepare_betons(resolve_source(args.data), args.beton_dir)
-        loader = ResidentLoader(f"{folder}/test.beton", args.batch_size, device, train=False)
+        try:
+            model = make_model(ckpt["model_config"].get("norm"), ckpt["model_config"].get("arch"), fused=False)
+        except ValueError as e:
+            raise CheckpointError(f"{args.checkpoint}: {e}") from None
+        load_state(model, ckpt["model"], "model", args.checkpoint)
+        data = prepare_data(resolve_source(args.data), args.beton_dir)
+        loader = ResidentLoader(data.paths["test"], args.batch_size, device, train=False)
     except (DataError, ConfigError, CheckpointError) as e:
         sys.exit(f"error: {e}")
-    tta = args.tta or ckpt.get("args", {}).get("tta", "off")
-    loss, acc, preds = evaluate(model, loader, tta=tta)
+    tta = args.tta or ckpt["config"].get("tta", "off")
+    loss, acc, preds = evaluate(model.to(device), loader, tta=tta)
     labels = loader.labels.cpu().numpy()
     per_class = per_class_accuracy(labels, preds.cpu().numpy())
-    print(f"test accuracy {100 * acc:.2f}%  loss {loss:.4f}  (tta {tta}) on {manifest['description']}")
+    print(f"test accuracy {100 * acc:.2f}%  loss {loss:.4f}  (tta {tta}) on {data.manifest['description']}")
     for c, a in per_class.items():
         print(f"  {c:<10} {100 * a:6.2f}%")
     if args.json:
-        atomic_write_json(args.json, {"checkpoint": args.checkpoint, "dataset": manifest["description"],
+        atomic_write_json(args.json, {"checkpoint": args.checkpoint, "dataset": data.manifest["description"],
                                       "test_acc": acc, "test_loss": loss, "tta": tta, "per_class": per_class})
 
 

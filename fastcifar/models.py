@@ -154,33 +154,56 @@ def conv(norm, c_in, c_out, separable=False):
     return Conv(c_in, c_out, 3, padding=1, bias=False)
 
 
+class Block(NamedTuple):
+    width: int   # output channels of the block's conv (or depthwise + pointwise pair)
+    pool: bool   # 2x2 max-pool after the conv, before the norm: the norm runs on a quarter of the pixels
+
+
 class Layout(NamedTuple):
     stem_stride: int
-    layers: tuple  # ((conv width, max-pool before the norm), ...)
+    blocks: tuple        # of Block
     separable: bool = False
+
+    @classmethod
+    def parse(cls, spec, stem_stride=1):
+        """A layout from a spec such as "d36p d48 d64": c = 3x3 conv, d = depthwise + pointwise pair (all blocks
+        one kind), the number its width, p a max-pool before its norm."""
+        kinds = {tok[:1] for tok in spec.split()}
+        if not spec.split() or not kinds <= {"c", "d"} or len(kinds) != 1:
+            raise ValueError(f"layout spec {spec!r}: blocks are c<width>[p] or d<width>[p], all of one kind")
+        try:
+            blocks = tuple(Block(int(t[1:].removesuffix("p")), t.endswith("p")) for t in spec.split())
+        except ValueError:
+            raise ValueError(f"layout spec {spec!r}: a block's width is a whole number") from None
+        return cls(stem_stride, blocks, separable=kinds == {"d"})
+
+
+def _blocks(*pairs):
+    return tuple(Block(w, p) for w, p in pairs)
 
 
 # every layout stays under PARAM_BUDGET
 ARCHS = {
-    "lean": Layout(2, ((32, True), (32, False), (46, True), (46, False))),             # 16 -> 8 -> 4
-    "deep": Layout(1, ((20, True), (20, False), (32, True), (32, False), (40, True), (40, False))),  # 32 -> 16 -> 8 -> 4
-    "deep8": Layout(1, ((20, True), (28, False), (36, True), (40, False), (44, True))),  # 32 -> 16 -> 8 -> 4
-    "separable": Layout(1, ((36, True), (48, False), (64, False), (72, True), (104, False), (104, True), (136, False)),
-                        separable=True),
+    "lean": Layout(2, _blocks((32, True), (32, False), (46, True), (46, False))),  # 16 -> 8 -> 4
+    "deep": Layout(1, _blocks((20, True), (20, False), (32, True), (32, False), (40, True), (40, False))),  # 32 -> 4
+    "deep8": Layout(1, _blocks((20, True), (28, False), (36, True), (40, False), (44, True))),  # 32 -> 16 -> 8 -> 4
+    "separable": Layout(1, _blocks((36, True), (48, False), (64, False), (72, True), (104, False), (104, True),
+                                   (136, False)), separable=True),
 }
 
 
 class Net(nn.Module):
     def __init__(self, norm="bn", arch="lean", num_classes=10, fused=False):
+        """arch: a name in ARCHS, or a Layout of one's own."""
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
-        if arch not in ARCHS:
+        if not isinstance(arch, Layout) and arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
-        layout = Layout(*ARCHS[arch])  # also takes a plain (stride, layers) tuple, as the kept screening scripts add
+        layout = arch if isinstance(arch, Layout) else ARCHS[arch]
         self.stem = PatchWhitening(stride=layout.stem_stride)
         blocks, c = [], self.stem.out_channels
-        for width, pool in layout.layers:
+        for width, pool in layout.blocks:
             blocks += [conv(norm, c, width, layout.separable), *([nn.MaxPool2d(2)] if pool else []),
                        norm_relu(norm, width, fused)]
             c = width
@@ -192,7 +215,8 @@ class Net(nn.Module):
 
 
 def make_model(norm="bn", arch="lean", fused=False):
-    """Build the network in channels_last. Call `model.stem.fit(images)` before training."""
+    """Build the network (arch: a name in ARCHS or a Layout) in channels_last. Call `model.stem.fit(images)`
+    before training."""
     return Net(norm, arch, fused=fused).to(memory_format=torch.channels_last)
 
 

@@ -33,7 +33,7 @@ def full_state(model, opt, sched, epoch=1):
             "loader": {"generator": torch.Generator().get_state()}, "rng": {"cpu": torch.get_rng_state()},
             "device": "cpu", "epoch": epoch,
             "history": [{"epoch": i + 1, "train_loss": 1.0, "test_acc": 0.5} for i in range(epoch)],
-            "args": {"norm": "bn", "epochs": 2}, "model_config": {"norm": "bn", "arch": "lean"},
+            "config": {"norm": "bn", "epochs": 2}, "model_config": {"norm": "bn", "arch": "lean"},
             "compile_time_s": 0.0}
 
 
@@ -150,8 +150,12 @@ TOP_LEVEL = {
     "history shorter than its epochs": (lambda s: s.update(epoch=2), "not a list of 2 epochs"),
     "a history entry that is a string": (lambda s: s["history"].__setitem__(0, "x"), "entry 0"),
     "a history of another epoch": (lambda s: s["history"][0].update(epoch=5), "entry 0 is not epoch 1"),
-    "args as a list": (lambda s: s.update(args=["--norm", "bn"]), "'args' is not a dict"),
+    "config as a list": (lambda s: s.update(config=["--norm", "bn"]), "'config' is not a dict"),
     "no model config": (lambda s: s.pop("model_config"), "'model_config' is not a dict"),
+    "no optimizer": (lambda s: s.pop("optimizer"), "'optimizer' is not a state dict"),
+    "an rng state of another length": (lambda s: s["rng"].update(cpu=torch.zeros(7, dtype=torch.uint8)),
+                                       "'rng' does not hold"),
+    "no compile time": (lambda s: s.pop("compile_time_s"), "'compile_time_s'"),
     "a device of another kind": (lambda s: s.update(device="tpu"), "'device' is 'tpu'"),
     "an rng state of floats": (lambda s: s["rng"].update(cpu=torch.zeros(5)), "'rng' does not hold"),
     "a cuda rng state that is not a list": (lambda s: s["rng"].update(cuda=torch.zeros(5, dtype=torch.uint8)),

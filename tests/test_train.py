@@ -8,8 +8,11 @@ import pytest
 import torch
 
 from conftest import make_tar
-from fastcifar import train as train_mod
+from fastcifar import loop, train as train_mod
 from fastcifar.checkpoint import load_checkpoint
+from fastcifar.config import preset_value
+from fastcifar.execution import DeviceInfo, check_fused, configure_backends, cpu_has_native_bf16, fused_route
+from fastcifar.loop import fit
 from fastcifar.data.sources import CLASSES
 from fastcifar.device import ConfigError
 from fastcifar.models import make_model
@@ -22,7 +25,12 @@ REQUIRED = {"norm", "params", "epochs_run", "within_budget", "device", "dataset"
 def run(tmp_path, source, *extra, out="out"):
     out = str(tmp_path / out)
     argv = ["--data", source, "--out", out, "--batch-size", "32", "--quiet", "--device", "cpu", *extra]
-    return train_mod.train(train_mod.parse_args(argv)), out
+    cfg, saved = train_mod.resolved(argv)
+    return fit(cfg, checkpoint=saved).metrics, out
+
+
+def resolved(argv):
+    return train_mod.resolved(argv)[0]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +62,7 @@ def test_cli_smoke_learns_and_writes_all_artefacts(tmp_path, learnable_source, n
     assert on_disk["norm"] == norm and on_disk["within_budget"] is True and on_disk["params"] <= 50_000
     assert "tarball" in on_disk["dataset"] and HISTORY_KEYS <= set(on_disk["history"][0])
     assert on_disk["final_test_acc"] >= 0.35 and on_disk["epochs_to_target"] == len(on_disk["history"])
-    assert on_disk["stop_at_target"] is True and len(on_disk["history"]) <= train_mod.FAST_EPOCHS[norm]
+    assert on_disk["stop_at_target"] is True and len(on_disk["history"]) <= preset_value("fast", "epochs", norm, "cpu")
     for f in ("model.pt", "curves.png", "misclassified.png"):
         assert os.path.getsize(os.path.join(out, f)) > 0
     ckpt = load_checkpoint(os.path.join(out, "model.pt"))
@@ -65,9 +73,10 @@ def test_cli_smoke_learns_and_writes_all_artefacts(tmp_path, learnable_source, n
 
 
 def test_fast_preset_epochs_per_norm_and_explicit_epochs_win():
-    assert [train_mod.parse_args(["--norm", n]).epochs for n in ("bn", "gn", "ln")] == [2, 3, 3]
-    assert train_mod.parse_args(["--preset", "best"]).epochs == 20
-    assert train_mod.parse_args(["--norm", "gn", "--epochs", "5"]).epochs == 5
+    fast = [preset_value("fast", "epochs", n, "cpu") for n in ("bn", "gn", "ln")]
+    assert [resolved(["--norm", n]).epochs for n in ("bn", "gn", "ln")] == fast
+    assert resolved(["--preset", "best"]).epochs == preset_value("best", "epochs", "bn", "cpu")
+    assert resolved(["--norm", "gn", "--epochs", "5"]).epochs == 5
 
 
 def test_unreached_target_is_null_and_time_is_cumulative(tmp_path, small_source):
@@ -96,27 +105,20 @@ def test_same_seed_is_bit_identical_on_cpu(tmp_path, small_source):
 
 def interrupted_after_epoch_one(tmp_path, source, *extra, out="part"):
     """A run killed by Ctrl-C during epoch 2's evaluation: its checkpoint holds epoch 1."""
-    args = train_mod.parse_args(["--data", source, "--out", str(tmp_path / out), "--batch-size", "32", "--quiet",
-                                 "--device", "cpu", *extra])
-    orig, calls = train_mod.evaluate, []
+    cfg = resolved(["--data", source, "--out", str(tmp_path / out), "--batch-size", "32", "--quiet",
+                    "--device", "cpu", *extra])
 
-    def interrupt_after_first(*a, **k):
-        if calls:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return orig(*a, **k)
-    train_mod.evaluate = interrupt_after_first
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train_mod.train(args)
-    finally:
-        train_mod.evaluate = orig
+    def interrupt(run, h):  # after epoch 1's checkpoint, as Ctrl-C during epoch 2 would leave it
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, callbacks=[interrupt])
     assert load_checkpoint(str(tmp_path / out / "model.pt"))["epoch"] == 1
     return str(tmp_path / out)
 
 
 def resume(out, *extra):
-    return train_mod.train(train_mod.parse_args(["--resume", out, "--quiet", "--device", "cpu", *extra]))
+    cfg, saved = train_mod.resolved(["--resume", out, "--quiet", "--device", "cpu", *extra])
+    return fit(cfg, checkpoint=saved).metrics
 
 
 def strip_history(m):
@@ -142,7 +144,7 @@ def test_resume_keeps_the_runs_settings_and_refuses_contradictions(tmp_path, sma
             and "\n" not in str(e.value)
     m = resume(part, "--norm", "gn", "--lr", "0.05")  # repeating the run's own settings is fine
     assert (m["norm"], m["lr"], m["epochs_planned"], m["epochs_run"], m["batch_size"]) == ("gn", 0.05, 2, 2, 32)
-    assert m["settings_from"] == {"batch_size": "resumed run", "lr": "command line"}
+    assert (m["settings_from"]["batch_size"], m["settings_from"]["lr"]) == ("resumed run", "command line")
     # a larger --epochs extends the finished run
     m = resume(part, "--epochs", "3")
     assert [h["epoch"] for h in m["history"]] == [1, 2, 3] and m["epochs_planned"] == 3
@@ -170,11 +172,13 @@ def test_resume_loads_to_the_cpu_and_restores_cpu_rng_states(tmp_path, small_sou
     monkeypatch.setattr(ck.torch, "load", load)
     got = {}
     monkeypatch.setattr(torch, "set_rng_state", lambda s: got.setdefault("cpu", s))
+    cfg, ckpt = loop.configure(resume=part, device="cpu")  # loaded once, to the CPU
     model = make_model("bn", "separable")  # the best preset's layout for bn
-    opt = train_mod.make_optimizer(model, 0.1, 5e-4)
+    opt = loop.make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    loader = type("L", (), {"load_state_dict": lambda self, s: got.setdefault("loader", s["generator"])})()
-    train_mod.restore(os.path.join(part, "model.pt"), torch.device("cuda"), model, opt, sched, loader)
+    loader = type("L", (), {"load_state_dict": lambda self, s: got.setdefault("loader", s["generator"]),
+                            "state_dict": lambda self: {"generator": torch.Generator().get_state()}})()
+    loop.restore(ckpt, os.path.join(part, "model.pt"), torch.device("cuda"), model, opt, sched, loader)
     for k in ("cpu", "loader"):
         assert got[k].device.type == "cpu" and got[k].dtype == torch.uint8, k
     assert all(p.device.type == "cpu" for p in model.parameters())
@@ -204,9 +208,9 @@ def cli(*args, env=None):
 
 @pytest.mark.parametrize("args,msg", [
     (["--norm", "xyz"], "invalid choice: 'xyz'"),
-    (["--epochs", "0"], "--epochs and --limit must be at least 1"),
-    (["--limit", "0"], "--epochs and --limit must be at least 1"),
-    (["--lr", "-0.1"], "--lr must be positive"),
+    (["--epochs", "0"], "--epochs must be a whole number, at least 1"),
+    (["--limit", "0"], "--limit must be a whole number, at least 1"),
+    (["--lr", "-0.1"], "--lr must be a positive number"),
     (["--compile", "off", "--cuda-graphs"], "--cuda-graphs captures the compiled step"),
 ])
 def test_bad_arguments_exit_cleanly(args, msg):
@@ -232,16 +236,6 @@ def test_evaluate_cli_scores_a_checkpoint(tmp_path, small_source):
     assert e["test_acc"] == pytest.approx(metrics["final_test_acc"]) and set(e["per_class"]) >= {"cat", "truck"}
 
 
-def test_amp_falls_back_to_fp32_on_a_cpu_without_native_bf16(monkeypatch):
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: False)
-    with pytest.warns(UserWarning, match="no native bf16"):
-        assert train_mod.amp_effective(cpu, True) is False
-    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: True)
-    assert train_mod.amp_effective(cpu, True) is True
-    assert train_mod.amp_effective(cpu, False) is False
-
-
 def test_tta_views_and_their_shifts():
     from fastcifar.evaluate import shifted, tta_logits
     x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
@@ -261,46 +255,25 @@ def test_tta_views_and_their_shifts():
 # ---------------------------------------------------------------- epochs, device-aware defaults, compile
 
 def test_explicit_epochs_run_them_all(tmp_path, small_source):
-    p = train_mod.parse_args
+    p = resolved
+    fast_gn = preset_value("fast", "epochs", "gn", "cpu")
     assert p(["--norm", "gn"]).stop_at_target is True  # the fast preset at its own epoch count
-    assert p(["--norm", "gn", "--epochs", "3"]).stop_at_target is True
-    assert p(["--norm", "gn", "--epochs", "4"]).stop_at_target is False
+    assert p(["--norm", "gn", "--epochs", str(fast_gn)]).stop_at_target is True
+    assert p(["--norm", "gn", "--epochs", str(fast_gn + 1)]).stop_at_target is False
     assert p(["--epochs", "4", "--stop-at-target"]).stop_at_target is True
     assert p(["--preset", "best"]).stop_at_target is False
     m, _ = run(tmp_path, small_source, "--epochs", "3", "--target-acc", "0.01", "--limit", "64", "--no-plots")
-    assert m["epochs_run"] == 3 and m["epochs_to_target"] == 1
+    assert m["epochs_run"] == 3 and m["epochs_to_target"] == 1 and m["steps_to_target"] == m["steps_per_epoch"]
 
 
-def test_per_device_batch_size_and_lr_and_where_they_came_from():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object: no GPU needed
-    for norm, dev, want in (("bn", cpu, (128, 0.45)), ("gn", cpu, (128, 0.2)), ("bn", cuda, (512, 0.4))):
-        args = train_mod.parse_args(["--norm", norm])
-        src = train_mod.resolve_settings(args, dev)
-        assert (args.batch_size, args.lr) == want
-        assert src == {"batch_size": f"preset fast ({dev.type})", "lr": f"preset fast ({dev.type})"}
-    args = train_mod.parse_args(["--norm", "bn", "--preset", "best"])
-    train_mod.resolve_settings(args, cpu)
-    assert (args.arch, args.lr, args.epochs, args.stop_at_target) == ("separable", 0.2, 20, False)
-    for norm in ("gn", "ln"):
-        args = train_mod.parse_args(["--norm", norm, "--preset", "best"])
-        train_mod.resolve_settings(args, cpu)
-        assert (args.arch, args.lr, args.epochs) == ("separable", 0.1, 20)
-    args = train_mod.parse_args(["--norm", "bn", "--preset", "best", "--arch", "deep"])
-    assert args.arch == "deep"
-    args = train_mod.parse_args(["--batch-size", "64"])
-    assert train_mod.resolve_settings(args, cuda)["batch_size"] == "command line" and args.batch_size == 64
-
-
-def test_compile_and_cuda_graph_settings_per_device():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    cs = train_mod.compile_settings
-    assert cs("auto", False, cpu) == (False, None) and cs("auto", False, cuda) == (True, None)
-    assert cs("on", False, cpu) == (True, None) and cs("off", False, cuda) == (False, None)
-    assert cs("auto", True, cuda) == (True, "reduce-overhead") and cs("on", True, cuda) == (True, "reduce-overhead")
-    with pytest.raises(ConfigError, match="--cuda-graphs: CUDA graphs need a CUDA device"):
-        cs("auto", True, cpu)
-    assert train_mod.parse_args(["--compile"]).compile == "on" and train_mod.parse_args([]).compile == "auto"
-    assert train_mod.parse_args(["--cuda-graphs"]).cuda_graphs and not train_mod.parse_args([]).cuda_graphs
+def test_flags_parse_to_the_config_fields():
+    assert resolved(["--compile"]).compile == "on" and resolved([]).compile == "auto"
+    assert resolved(["--cuda-graphs"]).cuda_graphs and not resolved([]).cuda_graphs
+    assert resolved(["--no-plots"]).plots is False and resolved([]).plots is True
+    assert resolved(["--preset", "best", "--arch", "deep"]).arch == "deep"
+    cfg = resolved(["--batch-size", "64", "--amp"])
+    assert (cfg.batch_size, cfg.amp, cfg.sources["batch_size"], cfg.sources["lr"]) == \
+        (64, True, "command line", "preset fast (cpu)")
 
 
 def test_cuda_backends_are_tuned_only_on_cuda(monkeypatch):
@@ -308,9 +281,9 @@ def test_cuda_backends_are_tuned_only_on_cuda(monkeypatch):
     for k, v in (("benchmark", False), ("allow_tf32", False)):
         monkeypatch.setattr(b.cudnn, k, v)
     monkeypatch.setattr(b.cuda.matmul, "allow_tf32", False)
-    train_mod.configure_backends(torch.device("cpu"))
+    configure_backends(torch.device("cpu"))
     assert not (b.cudnn.benchmark or b.cuda.matmul.allow_tf32)
-    train_mod.configure_backends(torch.device("cuda"))
+    configure_backends(torch.device("cuda"))
     assert b.cudnn.benchmark and b.cuda.matmul.allow_tf32 and b.cudnn.allow_tf32
 
 
@@ -332,7 +305,8 @@ def test_metrics_record_effective_settings(tmp_path, small_source):
     m, _ = run(tmp_path, small_source, "--epochs", "1", "--limit", "64", "--no-plots")
     assert (m["compile"], m["compile_requested"], m["cuda_graphs"]) == (False, "auto", False)
     assert (m["batch_size"], m["lr"], m["arch"]) == (32, 0.45, "lean")  # bn's fast-preset lr on the CPU
-    assert m["settings_from"] == {"batch_size": "command line", "lr": "preset fast (cpu)"}
+    assert (m["settings_from"]["batch_size"], m["settings_from"]["lr"]) == ("command line", "preset fast (cpu)")
+    assert m["config"]["batch_size"] == 32 and m["execution"]["precision"] == "fp32"
 
 
 def test_compile_warm_up_covers_every_graph(tmp_path, small_source, monkeypatch):
@@ -343,14 +317,14 @@ def test_compile_warm_up_covers_every_graph(tmp_path, small_source, monkeypatch)
     def counting(gm, example_inputs):
         graphs.append(phase["now"])
         return gm.forward
-    real_compile, real_warm = torch.compile, train_mod.warm_up
+    real_compile, real_warm = torch.compile, loop.warm_up
     monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend=counting, dynamic=False))
 
     def warm_up(run):
         t = real_warm(run)
         phase["now"] = "training"
         return t
-    monkeypatch.setattr(train_mod, "warm_up", warm_up)
+    monkeypatch.setattr(loop, "warm_up", warm_up)
     torch._dynamo.reset()
     m, _ = run(tmp_path, small_source, "--compile", "--epochs", "2", "--batch-size", "150", "--preset", "best",
                "--tta", "flip-shift")
@@ -380,13 +354,16 @@ def test_fused_norm_on_end_to_end_under_the_interpreter(tmp_path, small_source):
     assert np.isfinite(m["history"][0]["train_loss"])
 
 
+CPU = DeviceInfo("cpu", "cpu (test)")
+
+
 def test_fused_norm_on_where_the_kernel_cannot_run_is_one_line_error(monkeypatch):
     import fastcifar_kernels
-    monkeypatch.setattr(fastcifar_kernels, "fused_available", lambda device=None: False)
-    with pytest.raises(ConfigError, match="--fused-norm on: the Triton kernel cannot run here"):
-        train_mod.resolve_fused("on", "gn", torch.device("cpu"))
-    assert train_mod.resolve_fused("auto", "gn", torch.device("cpu")) == (False, None)
-    assert train_mod.resolve_fused("on", "bn", torch.device("cpu")) == (False, None)
+    monkeypatch.setattr(fastcifar_kernels, "fused_supported", lambda device=None, dtype=None: False)
+    with pytest.raises(ConfigError, match="^--fused-norm on: the Triton kernel needs CUDA"):
+        fused_route("on", "gn", CPU, "fp32")
+    assert fused_route("auto", "gn", CPU, "fp32")[0] == "torch"
+    assert fused_route("on", "bn", CPU, "fp32")[0] == "n/a"
 
 
 @pytest.fixture
@@ -403,8 +380,9 @@ def interpreted_kernel(monkeypatch):
 
 def test_fused_norm_verifies_the_kernel_before_trusting_it(interpreted_kernel):
     cpu = torch.device("cpu")
-    assert train_mod.resolve_fused("auto", "gn", cpu) == (True, None)
-    assert train_mod.resolve_fused("on", "ln", cpu) == (True, None)
+    assert fused_route("auto", "gn", CPU, "fp32")[0] == "triton"
+    assert check_fused("auto", cpu, torch.float32) == (True, None)
+    assert check_fused("on", cpu, torch.float32) == (True, None)
 
 
 def test_a_broken_kernel_falls_back_under_auto_and_fails_under_on(interpreted_kernel, tmp_path, small_source,
@@ -418,15 +396,16 @@ def test_a_broken_kernel_falls_back_under_auto_and_fails_under_on(interpreted_ke
     monkeypatch.setattr(interpreted_kernel, "_forward", broken)
     with pytest.raises(ConfigError, match=r"^--fused-norm on: .*mismatch: max relative error") as e:
         with pytest.warns(RuntimeWarning, match="disagrees with torch"):
-            train_mod.resolve_fused("on", "gn", torch.device("cpu"))
+            check_fused("on", torch.device("cpu"), torch.float32)
     assert "\n" not in str(e.value)
-    m, _ = run(tmp_path, small_source, "--norm", "gn", "--fused-norm", "auto", "--epochs", "1", "--limit", "64",
-               "--no-plots", "--tta", "off")
+    with pytest.warns(RuntimeWarning, match="fused GroupNorm\\+ReLU not used"):
+        m, _ = run(tmp_path, small_source, "--norm", "gn", "--fused-norm", "auto", "--epochs", "1", "--limit", "64",
+                   "--no-plots", "--tta", "off")
     assert m["fused_norm"] is False and m["fused_norm_fallback"].startswith("mismatch: max relative error")
     assert np.isfinite(m["history"][0]["train_loss"])
 
 
-@pytest.mark.skipif(not train_mod.cpu_has_native_bf16(), reason="this CPU has no native bf16 (AVX512-BF16 or AMX)")
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16 (AVX512-BF16 or AMX)")
 def test_amp_trains_in_bf16_on_a_cpu_with_native_bf16(tmp_path, small_source, monkeypatch):
     dtypes = []
     real_fwd = make_model("bn").__class__.forward
