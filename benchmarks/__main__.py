@@ -20,7 +20,7 @@ import sys
 import time
 import traceback
 
-from .common import atomic_write_json, atomic_write_text, environment, machine_line
+from .common import atomic_write_json, atomic_write_text, environment, markdown_table, report_header
 
 PROG = "python -m benchmarks"
 PARTS = ("time_to_accuracy", "loader", "throughput", "kernels")
@@ -41,8 +41,9 @@ def parse_args(argv=None):
                    help="train the reference recipe too (time_to_accuracy; default on)")
     p.add_argument("--limit", type=int, help="a fixed spread of N images (time_to_accuracy, loader; smoke runs)")
     p.add_argument("--epochs", type=int, help="training epochs (time_to_accuracy; smoke runs)")
-    p.add_argument("--tta-args", default="", metavar="'ARGS'",
-                   help="more flags for benchmarks.time_to_accuracy, as --tta-args='--no-warmup' (with '=')")
+    p.add_argument("--time-to-accuracy-args", default="", metavar="'ARGS'",
+                   help="more flags for benchmarks.time_to_accuracy, as --time-to-accuracy-args='--no-warmup' "
+                        "(with '=')")
     p.add_argument("--loader-args", default="", metavar="'ARGS'", help="more flags for benchmarks.loader")
     p.add_argument("--throughput-args", default="", metavar="'ARGS'", help="more flags for benchmarks.throughput")
     p.add_argument("--kernels-args", default="", metavar="'ARGS'", help="more flags for benchmarks.kernels")
@@ -63,12 +64,12 @@ def part_argv(args, part):
     common += ["--limit", str(args.limit)] if args.limit else []
     if part == "loader":
         return out + common + shlex.split(args.loader_args)
-    tta = out + common
-    tta += ["--norm", *args.norm] if args.norm else []
-    tta += ["--seeds", str(args.seeds)] if args.seeds else []
-    tta += ["--epochs", str(args.epochs)] if args.epochs else []
-    tta += ["--baseline"] if args.baseline else []
-    return tta + shlex.split(args.tta_args)
+    harness = out + common
+    harness += ["--norm", *args.norm] if args.norm else []
+    harness += ["--seeds", str(args.seeds)] if args.seeds else []
+    harness += ["--epochs", str(args.epochs)] if args.epochs else []
+    harness += ["--baseline"] if args.baseline else []
+    return harness + shlex.split(args.time_to_accuracy_args)
 
 
 def run_part(part, argv):
@@ -123,9 +124,9 @@ def write_summary(summary, out):
     summary["status"] = "ok" if all(r["status"] == "ok" for r in summary["parts"]) else "failed"
     atomic_write_json(os.path.join(out, "summary.json"), summary)
     env = summary["environment"]
-    lines = ["# Benchmark suite", "", f"- Command: `{env['command']}`", f"- Date: {env['date']}",
-             f"- Machine: {machine_line(env)}", "", "| part | status | output | note |", "|---|---|---|---|"]
-    lines += [f"| {r['part']} | {r['status']} | {r.get('out', '')} | {r.get('error', '')} |" for r in summary["parts"]]
+    lines = [*report_header("Benchmark suite", env), "",
+             markdown_table(["part", "status", "output", "note"],
+                            [[r["part"], r["status"], r.get("out", ""), r.get("error", "")] for r in summary["parts"]])]
     for r in summary["parts"]:
         report = os.path.join(r.get("out", ""), REPORTS.get(r["part"], ""))
         if r["part"] in REPORTS and os.path.isfile(report):

@@ -150,6 +150,7 @@ def train_baseline(beton_dir, device, target=0.70, epochs=MAX_EPOCHS, limit=None
         "compile": False, "seed": seed, "epochs_planned": epochs, "epochs_run": len(history),
         "target_acc": target, "history": history,
         "time_to_target_s": hit["train_time_s"] if hit else None, "epochs_to_target": hit["epoch"] if hit else None,
+        "steps_to_target": hit["epoch"] * len(train_loader) if hit else None,
         "train_time_s": train_time, "final_test_acc": history[-1]["test_acc"],
         "best_test_acc": max(h["test_acc"] for h in history), "compile_time_s": 0.0,
         "eval_time_s": sum(h["eval_time_s"] for h in history), "torch_threads": torch.get_num_threads(),

@@ -1,6 +1,8 @@
-"""Pieces the benchmark harnesses share: atomic outputs, the environment record, dataset naming,
-a torchvision-style Dataset over uint8 arrays, and Markdown tables."""
+"""Pieces the benchmark harnesses share: the repository root, atomic outputs and JSON reading, the environment
+record and the header every report starts with, dataset naming, the relative-error metric, a torchvision-style
+Dataset over uint8 arrays, and Markdown tables."""
 import datetime
+import json
 import os
 import platform
 import shlex
@@ -14,7 +16,21 @@ from fastcifar.device import cpu_model, default_threads, pick_device, sync  # no
 from fastcifar.io import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: F401  (re-exported)
 from fastcifar.io import save_figure as save_figure_atomic  # noqa: F401
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout: benchmarks/ runs from it
+
+
+def read_json(path):
+    """The JSON object in path, or None when it is missing, unreadable or not JSON (a run that died early)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def rel_err(got, want):
+    """max|got - want| / max|want| (the denominator floored at 1e-6, for all-zero references), in fp32."""
+    return ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-6)).item()
 
 
 # ---------------------------------------------------------------- environment
@@ -76,10 +92,27 @@ def environment(device, prog, argv):
     return env
 
 
-def machine_line(env):
+def machine_line(env, threads=None):
+    """The machine in one line; `threads`: the runs' own torch threads, where they differ from this process's."""
     if env.get("gpu_name"):
         return f"{env['gpu_name']} (CUDA {env.get('cuda')}), host CPU {env.get('cpu_model')}"
-    return f"CPU {env.get('cpu_model')}, {env.get('cpu_cores')} cores, {env.get('torch_threads')} torch threads"
+    return f"CPU {env.get('cpu_model')}, {env.get('cpu_cores')} cores, " \
+           f"{env.get('torch_threads') if threads is None else threads} torch threads"
+
+
+def versions_line(env):
+    cuda = f" (CUDA build {env['torch_cuda_build']}, cuDNN {env.get('cudnn')})" if env.get("torch_cuda_build") else ""
+    return f"torch {env['torch']}{cuda}, torchvision {env.get('torchvision')}, triton {env.get('triton')}, " \
+           f"ffcv {env.get('ffcv')}, python {env['python']}"
+
+
+def report_header(title, env, *lines, machine_note="", threads=None):
+    """The lines every report starts with: its title, the command, date, machine, code and versions, then
+    `lines` (each a "Name: value" item)."""
+    dirty = " (with uncommitted changes)" if env.get("git_dirty") else ""
+    return [f"# {title}", "", f"- Command: `{env['command']}`", f"- Date: {env['date']}",
+            f"- Machine: {machine_line(env, threads)}{machine_note}", f"- Code: git {env.get('git_commit') or 'unknown'}{dirty}",
+            f"- Versions: {versions_line(env)}", *(f"- {line}" for line in lines)]
 
 
 # ---------------------------------------------------------------- data

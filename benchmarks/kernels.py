@@ -1,12 +1,15 @@
 """Microbenchmark: fused GroupNorm+ReLU (fastcifar_kernels) against eager F.group_norm + F.relu and
 against torch.compile of that same pair, forward and forward+backward.
 
-    python -m benchmarks.kernels                       # all model shapes, batch 512 and 2048
+    python -m benchmarks.kernels                       # all 30 model shapes, batch 512 and 2048
     python -m benchmarks.kernels --batch 512 --dtypes bf16 --formats cl --no-compile
     python -m benchmarks.kernels --bytes               # the byte-count table only (no GPU needed)
 
-Shapes: the input of every nn.GroupNorm in the project's gn and ln models (forward hooks), at each
---batch, in NCHW and channels_last, fp32/fp16/bf16 (weight and bias in the same dtype).
+Shapes: the input of every nn.GroupNorm in the project's gn and ln models (forward hooks; 30 distinct
+(C, H, W, G) over every layout), at each --batch, in NCHW and channels_last, fp32/fp16/bf16 (weight and bias in
+the same dtype). Each configuration is first checked (verify_kernel(strict=True), then the fused forward and
+gradients against fp32 eager) and timed only when the check passes; a failed check is listed, never timed,
+and makes the exit status 1.
 
 Timing: CUDA events around each call, median over --repeats. The GPU queue is first filled with a
 sleep kernel so the launches run back to back and the events time the GPU work, not Python launch
@@ -25,17 +28,19 @@ import os
 import statistics
 import sys
 import time
+import traceback
 
 import fastcifar_kernels
 import torch
 import torch.nn.functional as F
 
-from fastcifar.io import atomic_write_json
+from .common import atomic_write_json, module_version, rel_err
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FORMATS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
 MODES = ("fwd", "fwdbwd")
 EPS = 1e-5
+KERNEL_TOL = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 3e-2}  # max|fused - fp32 eager| / max|fp32 eager|
 TARGETS = {
     "fwdbwd_speedup_vs_eager": 2.0,       # fused fwd+bwd at least 2x faster than eager
     "speedup_vs_compile": 1.0,            # no slower than torch.compile, every model shape
@@ -61,11 +66,6 @@ def bytes_moved(n, c, h, w, elt, mode, affine=True):
     if mode == "fwd":
         return fwd
     return fwd + 3 * act + 2 * par       # read x, read dy, write dx; write dw, db
-
-
-def write_json_atomic(path, obj):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    atomic_write_json(path, obj)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -135,60 +135,78 @@ def copy_bandwidth(repeats=20):
 
 
 # ------------------------------------------------------------------------------------------------
-# one configuration
+# one configuration: checked, then timed
 # ------------------------------------------------------------------------------------------------
 def eager_pair(x, g, w, b):
     return F.relu(F.group_norm(x, g, w, b, EPS))
 
 
-def bench_config(fk, n, c, h, w_, g, dtype, fmt, modes, impls, repeats, warmup, l2_bytes):
-    dev = "cuda"
+def time_once(run, n_inputs):
+    """A trivial timer (one call, wall clock): for exercising the code on a CPU, not for results."""
+    t = time.perf_counter()
+    run(0)
+    return (time.perf_counter() - t) * 1e6
+
+
+def gpu_timers(repeats, warmup):
+    """{column: timer}: GPU time from CUDA events, and a plain loop's wall time (Python and launch overhead)."""
+    return {"us": lambda run, n: time_gpu(run, n, repeats, warmup),
+            "wall_us": lambda run, n: time_wall(run, n, max(10, repeats // 2))}
+
+
+def time_config(fk, shape, dtype_name, fmt_name, modes, impls, device, timers, l2_bytes=0, compile_backend="inductor"):
+    """(rows, check) for one (N, C, H, W, G): the fused kernel checked, then timed beside eager and compile.
+
+    First verify_kernel(strict=True) for this dtype and format (a RuntimeError: the caller records a failed
+    configuration), then the fused forward and all three gradients against fp32 eager. Only a configuration
+    whose check passes is timed (rows is empty otherwise): a fused timing is always of a checked kernel.
+    timers: {column: timer(run, n_inputs) -> microseconds}, where run(i) makes one call on input i; inputs are
+    cycled, together more than 3x l2_bytes, so that no call finds its data in L2.
+    """
+    n, c, h, w_, g = shape
+    dtype, fmt = DTYPES[dtype_name], FORMATS[fmt_name]
+    fk.verify_kernel(device, dtype, channels_last=fmt_name == "cl", strict=True)
     elt = torch.empty((), dtype=dtype).element_size()
-    act = n * c * h * w_ * elt
-    n_inputs = int(min(16, max(2, math.ceil(3 * l2_bytes / (2 * act)))))
-    xs = [torch.randn(n, c, h, w_, device=dev, dtype=dtype).to(memory_format=fmt) for _ in range(n_inputs)]
-    dys = [torch.randn(n, c, h, w_, device=dev, dtype=dtype).to(memory_format=fmt) for _ in range(n_inputs)]
-    weight = (1 + 0.2 * torch.randn(c, device=dev)).to(dtype).requires_grad_()
-    bias = (0.05 * torch.randn(c, device=dev)).to(dtype).requires_grad_()
-
-    torch._dynamo.reset()  # a fresh compile per shape; no recompile limit to run into
-    fns = {"eager": lambda x, w, b: eager_pair(x, g, w, b),
-           "fused": lambda x, w, b: fk.group_norm_relu(x, g, w, b, EPS)}
+    n_inputs = int(min(16, max(2, math.ceil(3 * l2_bytes / (2 * n * c * h * w_ * elt)))))
+    xs = [torch.randn(n, c, h, w_, device=device, dtype=dtype).to(memory_format=fmt) for _ in range(n_inputs)]
+    dys = [torch.randn_like(x) for x in xs]
+    weight = (1 + 0.2 * torch.randn(c, device=device)).to(dtype)
+    bias = (0.05 * torch.randn(c, device=device)).to(dtype)
+    if not fk.fused_available(xs[0]):  # group_norm_relu would quietly time the torch path as "fused"
+        raise RuntimeError(f"the fused kernel does not run for {device} {dtype_name} {fmt_name} here")
+    fns = {"eager": lambda x, w, b: eager_pair(x, g, w, b), "fused": lambda x, w, b: fk.group_norm_relu(x, g, w, b, EPS)}
     if "compile" in impls:
-        fns["compile"] = torch.compile(lambda x, w, b: eager_pair(x, g, w, b), dynamic=False)
+        torch._dynamo.reset()  # a fresh compile per configuration: no recompile limit to run into
+        fns["compile"] = torch.compile(fns["eager"], dynamic=False, backend=compile_backend)
 
-    # correctness spot check against fp32 eager on the same input
-    with torch.no_grad():
-        ref = eager_pair(xs[0].float(), g, weight.float(), bias.float())
-        got = fns["fused"](xs[0], weight, bias)
-        check = ((got.float() - ref).abs().max() / ref.abs().max()).item()
-        same_format = got.is_contiguous(memory_format=fmt)
-
+    def grads(fn, *inputs):
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        y = fn(*leaves)
+        return [y, *torch.autograd.grad(y, leaves, dys[0].to(y.dtype))]
+    ref, got = grads(fns["eager"], xs[0].float(), weight.float(), bias.float()), grads(fns["fused"], xs[0], weight, bias)
+    errs = dict(zip(("y", "dx", "dw", "db"), (rel_err(a, b) for a, b in zip(got, ref))))
+    keeps = got[0].is_contiguous(memory_format=fmt)
+    check = {"rel_err": errs, "tol": KERNEL_TOL[dtype_name], "keeps_format": keeps,
+             "ok": max(errs.values()) <= KERNEL_TOL[dtype_name] and keeps}
+    if not check["ok"]:
+        return [], check
+    xg = [x.detach().requires_grad_() for x in xs]
+    wg, bg = weight.detach().requires_grad_(), bias.detach().requires_grad_()
     rows = []
-    for mode in modes:
-        if mode == "fwd":
-            def make(fn):
-                def run(i):
+    for impl in impls:
+        f = fns[impl]
+        for mode in modes:
+            if mode == "fwd":
+                def run(i, f=f):
                     with torch.no_grad():
-                        fn(xs[i], weight, bias)
-                return run
-        else:
-            xg = [x.detach().requires_grad_() for x in xs]
-
-            def make(fn):
-                def run(i):
-                    y = fn(xg[i], weight, bias)
-                    torch.autograd.grad(y, (xg[i], weight, bias), dys[i])
-                return run
-        for name in impls:
-            run = make(fns[name])
-            gpu_us = time_gpu(run, n_inputs, repeats, warmup)
-            wall_us = time_wall(run, n_inputs, max(10, repeats // 2))
-            nbytes = bytes_moved(n, c, h, w_, elt, mode)
-            rows.append({"impl": name, "mode": mode, "gpu_us": gpu_us, "wall_us": wall_us, "bytes": nbytes,
-                         "gbps": nbytes / (gpu_us * 1e-6) / 1e9, "inputs_cycled": n_inputs,
-                         "fused_fwd_rel_err_vs_fp32": check, "fused_keeps_format": same_format})
-    return rows
+                        f(xs[i], weight, bias)
+            else:
+                def run(i, f=f):
+                    torch.autograd.grad(f(xg[i], wg, bg), (xg[i], wg, bg), dys[i])
+            row = {"impl": impl, "mode": mode, **{k: t(run, n_inputs) for k, t in timers.items()},
+                   "bytes": bytes_moved(n, c, h, w_, elt, mode), "inputs_cycled": n_inputs}
+            rows.append(dict(row, gbps=row["bytes"] / (row["us"] * 1e-6) / 1e9 if row["us"] > 0 else None))
+    return rows, check
 
 
 # ------------------------------------------------------------------------------------------------
@@ -205,33 +223,40 @@ def print_bytes_table(shapes, batches, dtypes):
                       f"{bytes_moved(n, c, h, w, elt, 'fwdbwd') / 1e6:>11.2f}")
 
 
-def summarize(rows, copy_gbps, largest_batch):
-    """Per configuration: fused speedups and the three targets, pass/fail."""
-    keyf = ("C", "H", "W", "G", "batch", "format", "dtype", "mode")
+KEY = ("C", "H", "W", "G", "N", "format", "dtype", "mode")
+
+
+def by_impl(rows):
+    """{(C, H, W, G, N, format, dtype, mode): {impl: row}}."""
     groups = {}
     for r in rows:
-        groups.setdefault(tuple(r[k] for k in keyf), {})[r["impl"]] = r
+        groups.setdefault(tuple(r[k] for k in KEY), {})[r["impl"]] = r
+    return groups
+
+
+def summarize(rows, copy_gbps, largest_batch):
+    """Per configuration: fused speedups and the three targets, pass/fail."""
     out = []
     verdict = {"fwdbwd_2x_vs_eager": None, "no_slower_than_compile": None, "bw_70pct_at_largest_batch": None}
 
     def record(name, ok):  # None: not measured in this run
         verdict[name] = ok if verdict[name] is None else (verdict[name] and ok)
 
-    for key, by in groups.items():
+    for key, by in by_impl(rows).items():
         if "fused" not in by:
             continue
-        s = dict(zip(keyf, key))
+        s = dict(zip(KEY, key))
         f = by["fused"]
-        s["fused_us"], s["fused_gbps"] = f["gpu_us"], f["gbps"]
+        s["fused_us"], s["fused_gbps"] = f["us"], f["gbps"]
         s["fused_copy_fraction"] = f["gbps"] / copy_gbps
         if "eager" in by:
-            s["speedup_vs_eager"] = by["eager"]["gpu_us"] / f["gpu_us"]
+            s["speedup_vs_eager"] = by["eager"]["us"] / f["us"]
             if s["mode"] == "fwdbwd":
                 record("fwdbwd_2x_vs_eager", s["speedup_vs_eager"] >= TARGETS["fwdbwd_speedup_vs_eager"])
         if "compile" in by:
-            s["speedup_vs_compile"] = by["compile"]["gpu_us"] / f["gpu_us"]
+            s["speedup_vs_compile"] = by["compile"]["us"] / f["us"]
             record("no_slower_than_compile", s["speedup_vs_compile"] >= TARGETS["speedup_vs_compile"])
-        if s["batch"] == largest_batch:
+        if s["N"] == largest_batch:
             record("bw_70pct_at_largest_batch",
                    s["fused_copy_fraction"] >= TARGETS["copy_bw_fraction_at_largest_batch"])
         out.append(s)
@@ -245,13 +270,9 @@ def print_table(rows, copy_gbps):
            f" | {'fused wall us':>13}")
     print(hdr)
     print("-" * len(hdr))
-    keyf = ("C", "H", "W", "G", "batch", "format", "dtype", "mode")
-    groups = {}
-    for r in rows:
-        groups.setdefault(tuple(r[k] for k in keyf), {})[r["impl"]] = r
-    for key, by in groups.items():
+    for key, by in by_impl(rows).items():
         c, h, w, g, n, fmt, dt, mode = key
-        t = {k: by[k]["gpu_us"] if k in by else float("nan") for k in ("eager", "compile", "fused")}
+        t = {k: by[k]["us"] if k in by else float("nan") for k in ("eager", "compile", "fused")}
         f = by.get("fused", {})
         print(f"{c:>3} {f'{h}x{w}':>5} {g:>2} {n:>5} {fmt:>4} {dt:>4} {mode:>6} | {t['eager']:>8.1f} "
               f"{t['compile']:>10.1f} {t['fused']:>8.1f} | {f.get('gbps', float('nan')):>10.0f} "
@@ -281,6 +302,41 @@ def parse_args(argv=None):
     return args
 
 
+def time_configs(fk, shapes, batches, formats, dtypes, modes, impls, device, timers, l2_bytes=0,
+                 compile_backend="inductor", on_config=None):
+    """A record per (shape, batch, format, dtype): {models, N, C, H, W, G, format, dtype} with the rows and the
+    check of time_config, or with the error it raised (one that breaks does not hide the others).
+    on_config(records) is called after each."""
+    records = []
+    for c, h, w, g, models in shapes:
+        for n in batches:
+            for fmt in formats:
+                for dt in dtypes:
+                    key = {"models": models, "N": n, "C": c, "H": h, "W": w, "G": g, "format": fmt, "dtype": dt}
+                    print(f"timing {models} {n}x{c}x{h}x{w} G={g} {fmt} {dt} ...", flush=True)
+                    try:
+                        rows, check = time_config(fk, (n, c, h, w, g), dt, fmt, modes, impls, device, timers,
+                                                  l2_bytes, compile_backend)
+                        records.append(dict(key, rows=rows, check=check))
+                    except Exception as e:  # noqa: BLE001  one configuration that breaks must not hide the others
+                        traceback.print_exc()
+                        records.append(dict(key, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+                    if torch.device(device).type == "cuda":
+                        torch.cuda.empty_cache()  # this configuration's inputs are gone; keep peak memory low
+                    if on_config:
+                        on_config(records)
+    return records
+
+
+def failures(records):
+    """One line per configuration that raised or whose fused result disagreed with fp32 eager."""
+    name = lambda r: f"{r['models']} {r['N']}x{r['C']}x{r['H']}x{r['W']} G={r['G']} {r['format']} {r['dtype']}"  # noqa: E731
+    return [f"{name(r)}: {r['error']}" for r in records if "error" in r] + \
+        [f"{name(r)}: max relative error {max(r['check']['rel_err'].values()):.2e} against fp32 eager (tolerance "
+         f"{r['check']['tol']:g})" + ("" if r["check"]["keeps_format"] else ", output in another memory format")
+         for r in records if "check" in r and not r["check"]["ok"]]
+
+
 def main(argv=None):
     args = parse_args(argv)
     shapes = model_norm_shapes()
@@ -288,52 +344,34 @@ def main(argv=None):
         print_bytes_table(shapes, args.batch, args.dtypes)
         return 0
     out_path = os.path.join(args.out, "kernels.json")
-
-    def skip(reason):
-        print(f"{reason}; nothing was timed. Wrote {out_path}")
-        write_json_atomic(out_path, {"skipped": True, "reason": reason})
-        return 0
-
+    os.makedirs(args.out, exist_ok=True)
     if not torch.cuda.is_available():
-        return skip("no CUDA device is available (torch.cuda.is_available() is False)")
-    fk = fastcifar_kernels
-    if not fk.fused_available(torch.device("cuda")):
-        return skip("CUDA is available but the fused kernel cannot run there (triton missing, TRITON_INTERPRET "
-                    "set, or FASTCIFAR_KERNELS_DISABLE=1)")
-    for dn in args.dtypes:
-        for fmt in args.formats:
-            try:  # timing a kernel that computes the wrong thing would mean nothing
-                fk.verify_kernel("cuda", DTYPES[dn], channels_last=fmt == "cl", strict=True)
-            except RuntimeError as e:
-                return skip(f"the fused kernel cannot be trusted for {dn}/{fmt} ({e})")
-
+        reason = "no CUDA device is available (torch.cuda.is_available() is False)"
+        print(f"{reason}; nothing was timed. Wrote {out_path}")
+        atomic_write_json(out_path, {"skipped": True, "reason": reason})
+        return 0
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 50 << 20)
     copy_gbps = copy_bandwidth()
     impls = ["eager", "fused"] + ([] if args.no_compile else ["compile"])
-    rows = []
-    for c, h, w, g, tag in shapes:
-        for n in args.batch:
-            for fmt in args.formats:
-                for dn in args.dtypes:
-                    print(f"timing C={c} {h}x{w} G={g} batch={n} {fmt} {dn} ...", flush=True)
-                    for r in bench_config(fk, n, c, h, w, g, DTYPES[dn], FORMATS[fmt], args.modes, impls,
-                                          args.repeats, args.warmup, l2):
-                        rows.append({"models": tag, "C": c, "H": h, "W": w, "G": g, "batch": n,
-                                     "format": fmt, "dtype": dn, **r})
-                    torch.cuda.empty_cache()  # this configuration's inputs are gone; keep peak memory low
+    records = time_configs(fastcifar_kernels, shapes, args.batch, args.formats, args.dtypes, args.modes, impls,
+                           "cuda", gpu_timers(args.repeats, args.warmup), l2)
+    rows = [dict({k: r[k] for k in ("models", "N", "C", "H", "W", "G", "format", "dtype")}, **row)
+            for r in records for row in r.get("rows", [])]
     print_table(rows, copy_gbps)
     summary, verdict = summarize(rows, copy_gbps, max(args.batch))
     word = {True: "met", False: "NOT met", None: "not measured"}
     print("\ntargets:", ", ".join(f"{k}: {word[v]}" for k, v in verdict.items()))
-    import triton
-    write_json_atomic(out_path, {
-        "skipped": False, "device": props.name, "torch": torch.__version__, "triton": triton.__version__,
-        "kernel_status": fk.kernel_status(), "copy_gbps": copy_gbps, "l2_bytes": l2, "settings": vars(args),
-        "targets": TARGETS, "targets_met": verdict, "summary": summary, "rows": rows,
-    })
+    failed = failures(records)
+    for line in failed:
+        print(f"FAILED {line}")
+    atomic_write_json(out_path, {
+        "skipped": False, "device": props.name, "torch": torch.__version__, "triton": module_version("triton"),
+        "kernel_status": fastcifar_kernels.kernel_status(), "copy_gbps": copy_gbps, "l2_bytes": l2,
+        "settings": vars(args), "targets": TARGETS, "targets_met": verdict, "summary": summary, "rows": rows,
+        "failed": failed})
     print(f"wrote {out_path}")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

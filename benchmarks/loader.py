@@ -32,7 +32,7 @@ from fastcifar.data.loaders import FFCVLoader, ResidentLoader
 from fastcifar.device import ConfigError, default_workers
 
 from .common import (ArrayDataset, atomic_write_json, atomic_write_text, dataset_line, dataset_record,
-                     environment, load_arrays, machine_line, markdown_table, normalize_transform, pick_device,
+                     environment, load_arrays, markdown_table, normalize_transform, pick_device, report_header,
                      set_all_threads, sync)
 
 PROG = "python -m benchmarks.loader"
@@ -159,14 +159,10 @@ def table_rows(results):
 def render_markdown(results):
     env, st = results["environment"], results["settings"]
     return "\n".join([
-        "# Loader throughput (training split, augmentation on)", "",
-        f"- Command: `{env['command']}`",
-        f"- Date: {env['date']}",
-        f"- Machine: {machine_line(env)}",
-        f"- Dataset: {dataset_line(results['dataset'])}",
-        f"- Code: git {env.get('git_commit') or 'unknown'}" + (" (with uncommitted changes)" if env.get("git_dirty") else ""),
-        f"- Settings: device {st['device']}, batch {st['batch_size']}, {st['epochs']} timed epoch(s) after one warm-up "
-        f"epoch, drop_last",
+        *report_header("Loader throughput (training split, augmentation on)", env,
+                       f"Dataset: {dataset_line(results['dataset'])}",
+                       f"Settings: device {st['device']}, batch {st['batch_size']}, {st['epochs']} timed epoch(s) "
+                       "after one warm-up epoch, drop_last"),
         "",
         markdown_table(HEADER, table_rows(results)),
         "",

@@ -7,6 +7,8 @@ record, never as a missing one.
 Two scheduling rules:
 - timed (default): at most one job in flight per machine, pinned to it, with whole GPUs. Runs that share a
   device, or a machine's CPUs and memory bandwidth, slow each other, and their times-to-target would say so.
+  An embedded Ray started for timed jobs runs its workers at normal priority: Ray's default, nice 15, would let
+  any other load on the machine slow the timed runs. Every record says the niceness its job ran at.
 - accuracy-only: every job is submitted at once with its (possibly fractional) resources, and Ray packs
   as many onto each machine as fit.
 
@@ -20,6 +22,7 @@ import sys
 # embedded Ray on a small machine: no dashboard, a small object store (records are a few KB each)
 EMBEDDED = {"include_dashboard": False, "object_store_memory": 100 * 1024 ** 2}
 _WARM_ENV = "FASTCIFAR_RAY_WARM_PID"
+NICENESS_ENV = "RAY_worker_niceness"  # Ray's worker_niceness setting, read by the raylet when it starts
 
 
 def import_ray():
@@ -30,24 +33,34 @@ def import_ray():
     return ray
 
 
-def start(address=None):
-    """Connect to ADDRESS (or $RAY_ADDRESS), else start an embedded Ray; returns a function that undoes it."""
+def start(address=None, timed=True):
+    """Connect to ADDRESS (or $RAY_ADDRESS), else start an embedded Ray, its workers at nice 0 when timed;
+    returns (a function that undoes it, the worker niceness asked for or None when Ray's own applies)."""
     ray = import_ray()
     import benchmarks
     ray.cloudpickle.register_pickle_by_value(benchmarks)
     if ray.is_initialized():  # the caller's own Ray session: use it, leave it running
-        return lambda: None
+        return (lambda: None), None
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if address:  # a cluster's workers run at the niceness its raylets were started with
         ray.init(address=address)
-    else:
+        return ray.shutdown, None
+    saved = os.environ.get(NICENESS_ENV)
+    if timed:
+        os.environ[NICENESS_ENV] = "0"
+    try:
         ray.init(num_cpus=os.cpu_count(), **EMBEDDED)
-    return ray.shutdown
+    finally:  # the raylet has read it; this process keeps its own environment
+        if saved is None:
+            os.environ.pop(NICENESS_ENV, None)
+        else:
+            os.environ[NICENESS_ENV] = saved
+    return ray.shutdown, 0 if timed else None
 
 
 def _where(ray):
     return {"executor": "ray", "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
-            "pid": os.getpid()}
+            "pid": os.getpid(), "niceness": os.nice(0)}
 
 
 def _call(fn, args, warmup=None):
@@ -73,7 +86,7 @@ def machines(nodes, cpus, gpus):
 
 def failure(job, error):
     return dict(job["record"], status="failed", error=error, time_to_target_s=None,
-                where={"executor": "ray", "node_id": None, "host": None, "pid": None})
+                where={"executor": "ray", "node_id": None, "host": None, "pid": None, "niceness": None})
 
 
 def run(jobs, fn, *, cpus, gpus, timed, warmup=None, on_result=None, poll_s=1.0):

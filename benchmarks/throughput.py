@@ -26,10 +26,12 @@ import torch.utils.flop_counter as flop_formulas
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from fastcifar import TrainConfig
+from fastcifar.execution import cpu_has_native_bf16
+from fastcifar.loop import make_optimizer
 from fastcifar.models import ARCHS, NORMS, count_params, make_model
-from fastcifar.train import cpu_has_native_bf16, make_optimizer
 
-from .common import (atomic_write_json, atomic_write_text, environment, fmt, machine_line, markdown_table,
+from .common import (atomic_write_json, atomic_write_text, environment, fmt, markdown_table, report_header,
                      pick_device, save_figure_atomic, set_all_threads, sync)
 
 PROG = "python -m benchmarks.throughput"
@@ -102,7 +104,7 @@ def measure(arch, norm, precision, args, device):
     torch.manual_seed(0)
     model = make_model(norm, arch).to(device)
     model.stem.fit(torch.randn(256, 3, 32, 32, device=device))
-    opt = make_optimizer(model, lr=0.2, weight_decay=5e-4)  # the values do not change the step's cost
+    opt = make_optimizer(model, TrainConfig.resolve(norm=norm, arch=arch, device=device.type))  # training's own
     b = args.batch_size
     x = torch.randn(b, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (b,), device=device)
@@ -153,11 +155,9 @@ def report(rows, env, args):
     bf16 = "" if env["device"] == "cuda" else \
         f"; native bf16 (AVX512-BF16 or AMX): {'yes' if env['cpu_native_bf16'] else 'no'}"
     return "\n".join([
-        "# Training-step throughput", "",
-        f"- Command: `{env['command']}`", f"- Date: {env['date']}", f"- Machine: {machine_line(env)}{bf16}",
-        f"- Code: git {env.get('git_commit')}" + (" (with uncommitted changes)" if env.get("git_dirty") else ""),
-        f"- Versions: torch {env['torch']}, python {env['python']}",
-        f"- Batch {args.batch_size}, random data, fastest of {args.repeats} x {args.steps} steps", "",
+        *report_header("Training-step throughput", env,
+                       f"Batch {args.batch_size}, random data, fastest of {args.repeats} x {args.steps} steps",
+                       machine_note=bf16), "",
         table, "",
         "GFLOP/image: forward and backward of the whole model's convolutions and linear layer. Step: a full "
         "training step. Conv-only: the model's convolutions alone, forward and backward at their shapes in the "

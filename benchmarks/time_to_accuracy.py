@@ -4,12 +4,13 @@ per normalization, over several seeds, optionally against a plain reference reci
     python -m benchmarks.time_to_accuracy --norm bn gn ln --seeds 3 --baseline --data PATH
     python -m benchmarks.time_to_accuracy --norm bn --seeds 1 --limit 2000 --epochs 1 --no-warmup   # smoke run
 
-Every run is the real training code path (fastcifar.train.train, as `python -m fastcifar.train` runs it),
-in its own folder DIR/runs/<norm>-s<seed>/, with the recipe's own settings: the preset decides the
+Every run is the real training code path, fastcifar.fit on a TrainConfig (what `python -m fastcifar.train`
+runs), in its own folder DIR/runs/<norm>-s<seed>/, with the recipe's own settings: the preset decides the
 schedule and whether training stops at the target. Time-to-target is the run's cumulative training time
 (torch.compile included, evaluation excluded) at the end of the first epoch whose test accuracy reaches
-the target. A run that raises, or that never reaches the target, is a failure and contributes no time:
-medians are over the runs that reached it, and the failures are counted.
+the target; steps-to-target the optimizer steps taken by then. A run that raises, or that never reaches the
+target, is a failure and contributes no time: medians are over the runs that reached it, and the failures
+are counted.
 
 Runs are interleaved (seed 0 of every norm, then seed 1, ...) so that a slow stretch on a shared
 machine does not land on one norm only. Before the timed runs, an untimed one-epoch warm-up job on a
@@ -20,13 +21,15 @@ but inductor's on-disk cache persists: the first seed of each norm compiles cold
 invocation left that cache warm) and its later seeds reuse the generated kernels, as a second process
 would; the per-run compile times in results.json show the difference.
 
-Sweeps: --grid KEY=V1,V2 ... adds training flags to sweep (every combination, for every norm and seed).
---seeds 20 reports each norm's success rate ("reached / runs") beside the mean and the minimum final accuracy.
+Settings: --set KEY=VALUE ... gives every run a training setting (a TrainConfig field: lr, batch_size, cutout,
+arch, ...); --grid KEY=V1,V2 ... sweeps settings (every combination, for every norm and seed). --seeds 20
+reports each norm's success rate ("reached / runs") beside the mean and the minimum final accuracy.
 
 Executors: by default every run trains in this process, one after another. --executor ray runs each
 (norm, seed, grid point) as a Ray task, on an embedded local Ray or, with --ray-address ADDR (or
 $RAY_ADDRESS), on a running cluster (benchmarks/ray_executor.py). Times are reported only when no two runs
-share a machine: the ray executor then keeps one run in flight per machine, with whole GPUs. --accuracy-only
+share a machine: the ray executor then keeps one run in flight per machine, with whole GPUs, and an embedded
+Ray runs its workers at normal priority (Ray's default is nice 15); each run records its niceness. --accuracy-only
 drops the times and lets runs share machines and fractional GPUs (--gpus-per-run 0.25). Betons are converted
 once, before any run is scheduled; on a cluster, --beton-dir must name storage every node reads.
 
@@ -39,7 +42,6 @@ import itertools
 import json
 import os
 import re
-import shlex
 import shutil
 import socket
 import statistics
@@ -49,13 +51,14 @@ import traceback
 
 import torch
 
-from fastcifar import train as T
+from fastcifar import TrainConfig, fit
+from fastcifar.config import PRESETS
 from fastcifar.data import DataError, prepare_betons, resolve_source
-from fastcifar.evaluate import pick_device
+from fastcifar.device import ConfigError, pick_device
 from fastcifar.models import NORMS
 
 from .common import (atomic_write_json, atomic_write_text, dataset_line, dataset_record, environment, fmt,
-                     machine_line, markdown_table, save_figure_atomic, set_all_threads)
+                     markdown_table, read_json, report_header, save_figure_atomic, set_all_threads)
 
 PROG = "python -m benchmarks.time_to_accuracy"
 WARMUP_IMAGES = 1024
@@ -77,18 +80,18 @@ def parse_args(argv=None):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="train with --compile on / off (default: the trainer's auto: on with CUDA, off on the CPU, "
                         "where compiling costs minutes that a short run cannot earn back)")
-    p.add_argument("--preset", choices=sorted(T.PRESETS), help="training preset (default: the trainer's)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="training preset (default: the trainer's)")
     p.add_argument("--epochs", type=int, help="training epochs (default: the preset's)")
     p.add_argument("--limit", type=int, help="train and test on a fixed spread of N images each (smoke runs; "
                                              "such times are not CIFAR-10 results)")
     p.add_argument("--threads", type=int, help="torch CPU threads for every run, the baseline included "
                                                "(default: all cores)")
-    p.add_argument("--train-args", default="", metavar="'ARGS'",
-                   help="more flags for every training run, e.g. --train-args='--cutout 8' (with '=': "
-                        "argparse takes a lone value that starts with -- for an option)")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="settings",
+                   help="training settings for every run, e.g. --set cutout=8 batch_size=512 (keys are TrainConfig "
+                        "fields: the flags of fastcifar.train with underscores)")
     p.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2",
-                   help="training flags to sweep: --grid lr=0.1,0.2 batch_size=128,256 runs every combination for "
-                        "every norm and seed (keys are fastcifar.train flags, e.g. arch, cutout, epochs)")
+                   help="training settings to sweep: --grid lr=0.1,0.2 batch_size=128,256 runs every combination "
+                        "for every norm and seed (keys as for --set, e.g. arch, cutout, epochs)")
     p.add_argument("--accuracy-only", action="store_true",
                    help="report accuracies and success rates but no times, so that runs may share machines and "
                         "GPUs (--executor ray, fractional --gpus-per-run)")
@@ -119,6 +122,7 @@ def parse_args(argv=None):
     args.norm = list(dict.fromkeys(args.norm))
     try:
         args.configs = parse_grid(args.grid)
+        args.fixed = parse_settings(args.settings)
     except ValueError as e:
         p.error(str(e))
     if args.executor == "local":
@@ -138,29 +142,50 @@ def parse_args(argv=None):
     return args
 
 
+# settings the harness decides for every run itself, and the flag that sets each
 HARNESS_FLAGS = {"norm": "--norm", "seed": "--seeds/--first-seed", "out": "--out", "data": "--data",
-                 "device": "--device", "target_acc": "--target", "resume": "(none)"}
+                 "beton_dir": "--beton-dir", "device": "--device", "target_acc": "--target"}
+
+
+def parse_value(text):
+    """A setting's value as typed: a JSON number, true/false or null, else the text itself ("deep", "flip")."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _setting(item, option):
+    key, sep, values = item.partition("=")
+    key = key.strip().lstrip("-").replace("-", "_")
+    values = [v.strip() for v in values.split(",") if v.strip()]
+    if not sep or not key or not values:
+        raise ValueError(f"{option} takes KEY={'V1,V2,...' if option == '--grid' else 'VALUE'} items, got {item!r}")
+    if key in HARNESS_FLAGS:
+        raise ValueError(f"{option} {key}: the harness sets it itself (use {HARNESS_FLAGS[key]})")
+    return key, [parse_value(v) for v in dict.fromkeys(values)]
+
+
+def parse_settings(items):
+    """['cutout=8', 'batch_size=512'] -> {'cutout': 8, 'batch_size': 512}."""
+    out = {}
+    for item in items:
+        key, values = _setting(item, "--set")
+        if len(values) != 1 or key in out:
+            raise ValueError(f"--set {key}: one value, once (sweep values with --grid)")
+        out[key] = values[0]
+    return out
 
 
 def parse_grid(items):
-    """['lr=0.1,0.2', 'batch_size=128,256'] -> the product as [{'lr': '0.1', 'batch_size': '128'}, ...]."""
+    """['lr=0.1,0.2', 'batch_size=128,256'] -> the product as [{'lr': 0.1, 'batch_size': 128}, ...]."""
     axes = {}
     for item in items:
-        key, sep, values = item.partition("=")
-        key = key.strip().lstrip("-").replace("-", "_")
-        values = [v.strip() for v in values.split(",") if v.strip()]
-        if not sep or not key or not values:
-            raise ValueError(f"--grid takes KEY=V1,V2,... items, got {item!r}")
-        if key in HARNESS_FLAGS:
-            raise ValueError(f"--grid {key}: the harness sets it itself (use {HARNESS_FLAGS[key]})")
+        key, values = _setting(item, "--grid")
         if key in axes:
             raise ValueError(f"--grid names {key} twice")
-        axes[key] = list(dict.fromkeys(values))
+        axes[key] = values
     return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
-
-
-def config_argv(config):
-    return [x for k, v in config.items() for x in (f"--{k.replace('_', '-')}", v)]
 
 
 def group_label(norm, config):
@@ -174,42 +199,35 @@ def run_name(norm, config, seed):
 
 # ---------------------------------------------------------------- one run
 
-def train_argv(args, norm, seed, data, out, device):
-    argv = ["--norm", norm, "--seed", str(seed), "--target-acc", str(args.target), "--device", device.type,
-            "--data", data, "--out", out]
-    argv += ["--amp"] if args.amp else []
-    argv += compile_argv(args.compile)
-    argv += ["--preset", args.preset] if args.preset else []
-    argv += ["--epochs", str(args.epochs)] if args.epochs else []
-    argv += ["--limit", str(args.limit)] if args.limit else []
+def run_settings(args, norm, seed, data, out, device):
+    """The TrainConfig settings of one run: the harness's own, then --set's (a grid point's go on top)."""
     threads = args.threads or (args.cpus_per_run if args.executor == "ray" and args.accuracy_only else None)
-    argv += ["--threads", str(threads)] if threads else []
-    argv += [] if args.progress else ["--quiet"]
-    argv += [] if args.run_plots else ["--no-plots"]
-    return argv + shlex.split(args.train_args)
+    chosen = {"compile": None if args.compile is None else "on" if args.compile else "off", "preset": args.preset,
+              "epochs": args.epochs, "limit": args.limit, "threads": threads}
+    return {"norm": norm, "seed": seed, "target_acc": args.target, "device": device.type, "data": data, "out": out,
+            "amp": args.amp, "quiet": not args.progress, "plots": args.run_plots,
+            **{k: v for k, v in chosen.items() if v is not None}, **args.fixed}
 
 
-def compile_argv(on):
-    """--compile on|off when the user chose, nothing otherwise (the trainer's auto decides)."""
-    return [] if on is None else ["--compile", "on" if on else "off"]
+RUN_KEYS = ("params", "within_budget", "device", "amp", "precision", "compile", "fused_norm", "fused_norm_fallback",
+            "preset", "batch_size", "lr", "tta", "whiten_fit_time_s", "epochs_planned", "epochs_run", "steps_per_epoch",
+            "torch_threads", "time_to_target_s", "epochs_to_target", "steps_to_target", "final_test_acc",
+            "best_test_acc", "compile_time_s", "eval_time_s", "history")
 
 
-RUN_KEYS = ("params", "within_budget", "device", "amp", "compile", "fused_norm", "preset", "batch_size", "lr",
-            "tta", "whiten_fit_time_s", "epochs_planned", "epochs_run", "torch_threads", "time_to_target_s",
-            "epochs_to_target", "final_test_acc", "best_test_acc", "compile_time_s", "eval_time_s", "history")
-
-
-def run_one(norm, seed, argv, out, target):
-    """One training job; never raises (but for Ctrl-C): a failure is recorded, not thrown."""
-    shutil.rmtree(out, ignore_errors=True)  # this run's own folder: no stale metrics or checkpoint mixed in
+def run_one(config):
+    """One training run of a serialized TrainConfig (its to_dict()); never raises (but for Ctrl-C): a failure
+    is recorded, not thrown."""
+    rec = {"norm": config.get("norm"), "seed": config.get("seed"), "out": config.get("out"), "train_config": config}
+    shutil.rmtree(config["out"], ignore_errors=True)  # this run's own folder: no stale metrics or checkpoint mixed in
     fresh_process_state()
-    rec = {"norm": norm, "seed": seed, "out": out, "train_argv": argv}
     t0 = time.perf_counter()
     try:
-        metrics = T.train(T.parse_args(argv))
+        cfg = TrainConfig.from_dict(config)
+        metrics = fit(cfg).metrics
     except Exception as e:  # noqa: BLE001  one broken run must not end the suite
         rec.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=8))
-        partial = _read_json(os.path.join(out, "metrics.json"))  # e.g. the non-finite-loss guard wrote one
+        partial = read_json(os.path.join(config["out"], "metrics.json")) or {}  # e.g. the non-finite-loss guard's
         rec.update({k: partial[k] for k in ("history", "params") if k in partial})
         rec["time_to_target_s"] = None
     else:
@@ -219,7 +237,7 @@ def run_one(norm, seed, argv, out, target):
             rec["status"] = "reached"
         else:
             rec.update(status="not_reached", time_to_target_s=None,
-                       error=f"did not reach {100 * target:g}% in {metrics.get('epochs_run')} epoch(s) "
+                       error=f"did not reach {100 * cfg.target_acc:g}% in {metrics.get('epochs_run')} epoch(s) "
                              f"(best {100 * (metrics.get('best_test_acc') or 0):.2f}%)")
     rec["wall_s"] = time.perf_counter() - t0
     return rec
@@ -233,15 +251,6 @@ def fresh_process_state():
     torch._dynamo.reset()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _read_json(path):
-    try:
-        with open(path) as f:
-            d = json.load(f)
-        return d if isinstance(d, dict) else {}
-    except (OSError, ValueError):
-        return {}
 
 
 def run_baseline(args, beton_dir, device, out):
@@ -291,6 +300,7 @@ def summarize_norm(runs, timed=True):
         # with --accuracy-only runs may have shared a machine: their times are kept per run, never summarized
         "time_to_target_s": _spread([r["time_to_target_s"] for r in reached] if timed else []),
         "epochs_to_target": _spread([r["epochs_to_target"] for r in reached]),
+        "steps_to_target": _spread([r["steps_to_target"] for r in reached if r.get("steps_to_target") is not None]),
         "final_test_acc": _mean_std([r["final_test_acc"] for r in trained]),
         "best_test_acc": _mean_std([r["best_test_acc"] for r in trained]),
         # compile and evaluation are reported apart: compile is inside time-to-target, evaluation is not
@@ -323,7 +333,7 @@ def groups(args):
     return [(group_label(n, c), n, c) for c in args.configs for n in args.norm]
 
 
-def collect(args, env, ds, runs, baseline, state):
+def collect(args, env, ds, runs, baseline, state, ray=None):
     norms = {}
     for label, *_ in groups(args):
         mine = [r for r in runs if r.get("group", r["norm"]) == label]
@@ -338,14 +348,14 @@ def collect(args, env, ds, runs, baseline, state):
         "benchmark": "time_to_accuracy", "executor": args.executor, "state": state, "environment": env, "dataset": ds,
         "settings": {"norms": args.norm, "groups": [g for g, *_ in groups(args)], "grid": args.grid,
                      "executor": args.executor, "accuracy_only": args.accuracy_only,
-                     "ray": None if args.executor != "ray" else {
-                         "address": args.ray_address or os.environ.get("RAY_ADDRESS") or "embedded",
-                         "gpus_per_run": args.gpus_per_run, "cpus_per_run": args.cpus_per_run},
+                     "ray": None if args.executor != "ray" else dict(
+                         ray or {}, address=args.ray_address or os.environ.get("RAY_ADDRESS") or "embedded",
+                         gpus_per_run=args.gpus_per_run, cpus_per_run=args.cpus_per_run),
                      "seeds": list(range(args.first_seed, args.first_seed + args.seeds)),
                      "target_acc": args.target, "device": env["device"], "amp": args.amp, "compile": args.compile,
-                     "preset": args.preset or T.parse_args([]).preset, "epochs": args.epochs, "limit": args.limit,
-                     "train_args": args.train_args, "threads": args.threads, "baseline": args.baseline, "baseline_epochs": args.baseline_epochs,
-                     "warmup": args.warmup},
+                     "preset": args.preset or TrainConfig.preset, "epochs": args.epochs, "limit": args.limit,
+                     "set": args.fixed, "threads": args.threads, "baseline": args.baseline,
+                     "baseline_epochs": args.baseline_epochs, "warmup": args.warmup},
         "status": "no runs" if not norms else "failed" if all(s["status"] == "failed" for s in norms.values())
         else "partial" if failed_any else "ok",
         "norms": norms, "baseline": bl, "runs": [{k: v for k, v in r.items() if k != "traceback"} for r in runs],
@@ -355,7 +365,7 @@ def collect(args, env, ds, runs, baseline, state):
 # ---------------------------------------------------------------- report
 
 TABLE_HEADER = ["recipe", "params", "reached / runs", "time to target, median (s)", "min (s)", "max (s)",
-                "epochs to target, median", "final test acc (%)", "final test acc, min (%)", "best test acc (%)",
+                "epochs to target, median", "steps to target, median", "final test acc (%)", "final test acc, min (%)", "best test acc (%)",
                 "compile (s)", "eval (s)", "speed-up vs baseline"]
 
 
@@ -380,7 +390,7 @@ def table_rows(results):
         t = {k: fmt(v) if timed else "not timed" for k, v in s["time_to_target_s"].items()}
         rows.append([n, s["params"] if s["params"] is not None else "n/a", f"{s['reached']} / {s['runs']}",
                      t["median"], t["min"], t["max"], _g(s["epochs_to_target"]["median"]),
-                     _acc(s["final_test_acc"]), _pct(s["final_test_acc"].get("min")), _acc(s["best_test_acc"]),
+                     _g(s.get("steps_to_target", {}).get("median")), _acc(s["final_test_acc"]), _pct(s["final_test_acc"].get("min")), _acc(s["best_test_acc"]),
                      fmt(s["compile_time_s"]), fmt(s["eval_time_s"]), fmt_speedup(s.get("speedup_vs_baseline"))])
     b = results.get("baseline")
     if b:
@@ -388,7 +398,7 @@ def table_rows(results):
         one = lambda k: {"mean": b.get(k), "std": None} if trained else {"mean": None}  # noqa: E731
         t = b.get("time_to_target_s")
         rows.append(["baseline", b.get("params", "n/a"), f"{int(b['status'] == 'reached')} / 1", fmt(t), fmt(t),
-                     fmt(t), _g(b.get("epochs_to_target")), _acc(one("final_test_acc")),
+                     fmt(t), _g(b.get("epochs_to_target")), _g(b.get("steps_to_target")), _acc(one("final_test_acc")),
                      _pct(b.get("final_test_acc") if trained else None), _acc(one("best_test_acc")),
                      fmt(b.get("compile_time_s")), fmt(b.get("eval_time_s")), "1.00x" if t is not None else "n/a"])
     return rows
@@ -397,20 +407,17 @@ def table_rows(results):
 def render_markdown(results):
     env, ds, st = results["environment"], results["dataset"], results["settings"]
     target = f"{100 * st['target_acc']:g}%"
-    lines = [f"# Time to {target} test accuracy", "",
-             f"- Command: `{env['command']}`",
-             f"- Date: {env['date']}",
-             f"- Machine: {machine_line(env)}",
-             f"- Dataset: {dataset_line(ds)}",
-             f"- Code: git {env.get('git_commit') or 'unknown'}" + (" (with uncommitted changes)" if env.get("git_dirty") else ""),
-             f"- Versions: torch {env['torch']}, torchvision {env['torchvision']}, triton {env['triton']}, "
-             f"ffcv {env['ffcv']}, python {env['python']}",
-             f"- Settings: device {st['device']}, amp {'on' if st['amp'] else 'off'}, compile "
-             f"{ {True: 'on', False: 'off'}.get(st['compile'], 'auto')}, preset {st['preset']}, "
-             f"epochs {st['epochs'] or 'from the preset'}, seeds {', '.join(map(str, st['seeds']))}"
-             + (f", extra training flags `{st['train_args']}`" if st["train_args"] else "")
-             + (f", grid `{' '.join(st['grid'])}`" if st.get("grid") else ""),
-             f"- Executor: {executor_line(st)}",
+    threads = sorted({r["torch_threads"] for r in results["runs"] if r.get("torch_threads")})
+    lines = [*report_header(
+                 f"Time to {target} test accuracy", env, f"Dataset: {dataset_line(ds)}",
+                 f"Settings: device {st['device']}, amp {'on' if st['amp'] else 'off'}, compile "
+                 f"{ {True: 'on', False: 'off'}.get(st['compile'], 'auto')}, preset {st['preset']}, "
+                 f"epochs {st['epochs'] or 'from the preset'}, seeds {', '.join(map(str, st['seeds']))}"
+                 + (f", settings `{' '.join(f'{k}={v}' for k, v in st['set'].items())}`" if st.get("set") else "")
+                 + (f", grid `{' '.join(st['grid'])}`" if st.get("grid") else ""),
+                 threads=("-".join(map(str, (threads[0], threads[-1]))) if len(threads) > 1 else threads[0])
+                 if threads else None),
+             f"- Executor: {executor_line(st, results['runs'])}",
              f"- Status: {results['status']}" + ("" if results["state"] == "complete" else f" ({results['state']})"),
              "",
              markdown_table(TABLE_HEADER, table_rows(results)),
@@ -418,7 +425,8 @@ def render_markdown(results):
              f"Time to target: cumulative training time at the end of the first epoch whose test accuracy reaches "
              f"{target}, torch.compile included, evaluation excluded; median, min and max over the runs that reached "
              "it" + ("" if not st.get("accuracy_only") else " (not timed here: with --accuracy-only runs may share "
-                     "a machine or a GPU and slow each other)") + ". Reached / runs: the success rate over every run "
+                     "a machine or a GPU and slow each other)") + "; steps to target: the optimizer steps taken by "
+             "then. Machine: the runs' own torch threads. Reached / runs: the success rate over every run "
              "started, failed ones included. Accuracies: mean ± sample standard deviation, and the minimum, over "
              "the runs that finished training. Compile: "
              "median compile time per run (part of time to target). Eval: median total evaluation time per run "
@@ -439,16 +447,16 @@ def render_markdown(results):
     where = [r for r in results["runs"] if (r.get("where") or {}).get("executor") == "ray"]
     if where:
         lines += ["", "## Where each run ran", "", markdown_table(
-            ["run", "status", "Ray node", "host", "pid"],
+            ["run", "status", "Ray node", "host", "pid", "nice"],
             [[os.path.basename(r["out"]), r["status"], (r["where"]["node_id"] or "n/a")[:12], r["where"]["host"] or "n/a",
-              r["where"]["pid"] or "n/a"] for r in where])]
+              r["where"]["pid"] or "n/a", _g(r["where"].get("niceness"))] for r in where])]
     if errors:
         lines += ["", "## Runs that did not reach the target", ""]
         lines += [f"- {n} seed {e['seed']}: {e['status']}: {e['error']}" for n, e in errors]
     return "\n".join(lines) + "\n"
 
 
-def executor_line(st):
+def executor_line(st, runs=()):
     ex = st.get("executor", "local")
     if ex == "local":
         line = "local (one run after another, in one process)"
@@ -456,6 +464,12 @@ def executor_line(st):
         ray = st["ray"]
         line = (f"ray at {ray['address']}, {_g(ray['gpus_per_run'])} GPU(s) and {_g(ray['cpus_per_run'])} CPU(s) "
                 "per run, " + ("runs may share machines" if st.get("accuracy_only") else "one run per machine at a time"))
+    nice = sorted({r["where"]["niceness"] for r in runs if (r.get("where") or {}).get("niceness") is not None})
+    if nice:
+        line += f", runs at nice {', '.join(map(str, nice))}"
+        if nice != [0] and not st.get("accuracy_only"):
+            line += (" (**below normal priority**: other load on the machine slows these timed runs; start Ray "
+                     "with RAY_worker_niceness=0)")
     return line + (", accuracy only (no times)" if st.get("accuracy_only") else "")
 
 
@@ -523,25 +537,28 @@ def write_outputs(results, out, with_plot):
 # ---------------------------------------------------------------- main
 
 def plan_jobs(args, beton_dir, device):
-    """Interleaved: seed 0 of every grid point and norm, then seed 1, ..."""
+    """Interleaved: seed 0 of every grid point and norm, then seed 1, ... Each job's argument is its run's
+    TrainConfig, serialized; building it checks every setting, so a bad --set or --grid stops here, before an
+    hour of runs, not after (ConfigError)."""
     jobs = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         for label, norm, config in groups(args):
             out = os.path.join(args.out, "runs", run_name(norm, config, seed))
-            argv = train_argv(args, norm, seed, beton_dir, out, device) + config_argv(config)
-            jobs.append({"args": (norm, seed, argv, out, args.target),
-                         "record": {"norm": norm, "seed": seed, "group": label, "config": config, "out": out,
-                                    "train_argv": argv}})
+            cfg = TrainConfig.resolve(**{**run_settings(args, norm, seed, beton_dir, out, device), **config})
+            jobs.append({"args": (cfg.to_dict(),),
+                         "record": {"norm": norm, "seed": seed, "group": label, "config": config, "out": out}})
     return jobs
 
 
-def warmup_job(args, beton_dir, device):
-    limit = min(WARMUP_IMAGES, args.limit or WARMUP_IMAGES)
-    out = os.path.join(args.out, "runs", "warmup")
-    uncompiled = argparse.Namespace(**dict(vars(args), compile=False))  # the warm-up never compiles
-    argv = train_argv(uncompiled, args.norm[0], args.first_seed, beton_dir, out, device) + \
-        config_argv(args.configs[0]) + ["--limit", str(limit), "--epochs", "1", "--no-plots"]
-    return (args.norm[0], args.first_seed, argv, out, args.target), limit
+def warmup_config(cfg, out, limit=None):
+    """The untimed warm-up of a run's config: one epoch on a small subset, never compiled nor captured."""
+    return cfg.replace(epochs=1, limit=min(WARMUP_IMAGES, limit or cfg.limit or WARMUP_IMAGES), compile="off",
+                       cuda_graphs=False, plots=False, out=out)
+
+
+def warmup_job(args, jobs):
+    cfg = warmup_config(TrainConfig.from_dict(jobs[0]["args"][0]), os.path.join(args.out, "runs", "warmup"))
+    return (cfg.to_dict(),), cfg.limit
 
 
 def ray_resources(args, device):
@@ -555,21 +572,17 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         device = pick_device(args.device)
-    except DataError as e:
-        sys.exit(f"error: {e}")
-    os.makedirs(args.out, exist_ok=True)
-    try:  # once, here, before any job is scheduled: every run (and every Ray worker) reads the same folder
+        os.makedirs(args.out, exist_ok=True)
+        # once, here, before any job is scheduled: every run (and every Ray worker) reads the same folder
         beton_dir, manifest = prepare_betons(resolve_source(args.data), args.beton_dir)
-    except DataError as e:
+        if args.executor == "ray":
+            args.cpus_per_run, args.gpus_per_run = ray_resources(args, device)
+            # a Ray worker's working directory is not the driver's
+            args.out, beton_dir = os.path.abspath(args.out), os.path.abspath(beton_dir)
+        jobs = plan_jobs(args, beton_dir, device)
+    except (ConfigError, DataError) as e:
         sys.exit(f"error: {e}")
     set_all_threads(args.threads)  # ffcv's import dropped torch to one thread; training sets all of them again
-    if args.executor == "ray":
-        args.cpus_per_run, args.gpus_per_run = ray_resources(args, device)
-        # a Ray worker's working directory is not the driver's
-        args.out, beton_dir = os.path.abspath(args.out), os.path.abspath(beton_dir)
-    jobs = plan_jobs(args, beton_dir, device)
-    for job in jobs:  # a bad --train-args or --grid stops here, before an hour of runs, not after
-        T.parse_args(job["args"][2])
     env = environment(device, PROG, argv)
     ds = dataset_record(manifest, args.limit, args.dataset_label)
     grid = f" x {len(args.configs)} grid points" if args.grid else ""
@@ -577,7 +590,7 @@ def main(argv=None):
           f"{' + baseline' if args.baseline else ''} on {env['device_name']}, executor {args.executor}; "
           f"{dataset_line(ds)}", flush=True)
 
-    done, baseline, state = {}, None, "running"
+    done, baseline, state, ray = {}, None, "running", {}
 
     def report(i, rec):
         rec = done[i] = {**jobs[i]["record"], **rec}
@@ -585,14 +598,14 @@ def main(argv=None):
         w = rec.get("where") or {}
         at = f" [ray node {(w.get('node_id') or '?')[:8]}, pid {w.get('pid')}]" if w.get("executor") == "ray" else ""
         print(f"[{len(done)}/{len(jobs)}] {r['group']} seed {r['seed']}: {describe(rec, args.target)}{at}", flush=True)
-        write_outputs(collect(args, env, ds, [done[j] for j in sorted(done)], baseline, state), args.out,
+        write_outputs(collect(args, env, ds, [done[j] for j in sorted(done)], baseline, state, ray), args.out,
                       with_plot=False)
 
     try:
         if args.executor == "ray":
-            run_ray(args, device, jobs, beton_dir, report)
+            run_ray(args, jobs, report, ray)
         else:
-            run_local(args, jobs, beton_dir, device, report)
+            run_local(args, jobs, report)
         if args.baseline:
             out = os.path.join(args.out, "runs", f"baseline-s{args.first_seed}")
             print(f"[baseline] reference recipe, at most {args.baseline_epochs} epochs -> {out}", flush=True)
@@ -603,7 +616,7 @@ def main(argv=None):
         state = "interrupted"
         print("interrupted: writing what finished", file=sys.stderr, flush=True)
     runs = [done[j] for j in sorted(done)]
-    results = collect(args, env, ds, runs, baseline, state)
+    results = collect(args, env, ds, runs, baseline, state, ray)
     write_outputs(results, args.out, with_plot=True)
     print()
     print(render_markdown(results))
@@ -615,31 +628,32 @@ def main(argv=None):
     return 1 if crashed else 0
 
 
-def run_local(args, jobs, beton_dir, device, report):
+def run_local(args, jobs, report):
     if args.warmup:
-        wjob, limit = warmup_job(args, beton_dir, device)
+        wjob, limit = warmup_job(args, jobs)
         print(f"warm-up (untimed): {args.norm[0]}, 1 epoch on {limit} images", flush=True)
         w = run_one(*wjob)
         if w["status"] == "failed":
             print(f"warm-up failed ({w['error']}); the timed runs go ahead", flush=True)
-    where = {"executor": "local", "node_id": None, "host": socket.gethostname(), "pid": os.getpid()}
+    where = {"executor": "local", "node_id": None, "host": socket.gethostname(), "pid": os.getpid(),
+             "niceness": os.nice(0)}
     for i, job in enumerate(jobs):
         print(f"[{i + 1}/{len(jobs)}] {job['record']['group']} seed {job['record']['seed']}: training -> "
               f"{job['record']['out']}", flush=True)
         report(i, dict(run_one(*job["args"]), where=where))
 
 
-def run_ray(args, device, jobs, beton_dir, report):
+def run_ray(args, jobs, report, ray):
+    """ray: filled with what the report says of Ray (the worker niceness asked for)."""
     from . import ray_executor as RX
-    cpus, gpus = args.cpus_per_run, args.gpus_per_run
-    stop = RX.start(args.ray_address)
+    cpus, gpus, timed = args.cpus_per_run, args.gpus_per_run, not args.accuracy_only
+    stop, ray["worker_niceness_asked"] = RX.start(args.ray_address, timed=timed)
     try:
         # a warm-up per worker process matters only where times are reported
-        warm = (run_one, warmup_job(args, beton_dir, device)[0]) if args.warmup and not args.accuracy_only else None
+        warm = (run_one, warmup_job(args, jobs)[0]) if args.warmup and timed else None
         print(f"ray: {len(jobs)} tasks, {cpus} CPU(s) and {gpus:g} GPU(s) each, "
-              + ("packed as resources allow (accuracy only)" if args.accuracy_only else "one per machine at a time"),
-              flush=True)
-        RX.run(jobs, run_one, cpus=cpus, gpus=gpus, timed=not args.accuracy_only, warmup=warm, on_result=report)
+              + ("one per machine at a time" if timed else "packed as resources allow (accuracy only)"), flush=True)
+        RX.run(jobs, run_one, cpus=cpus, gpus=gpus, timed=timed, warmup=warm, on_result=report)
     finally:
         stop()
 

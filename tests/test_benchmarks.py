@@ -1,28 +1,25 @@
 """The benchmark harnesses, run in-process on a tiny random-pixel dataset (CPU).
 
-benchmarks/ runs from the checkout (it is not installed), so the repository root goes on sys.path.
+benchmarks/ runs from the checkout (it is not installed); tests/conftest.py puts the repository root on sys.path.
 """
 import copy
 import importlib
 import json
 import os
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from benchmarks import baseline as B  # noqa: E402
-from benchmarks import ray_executor as RX  # noqa: E402
-from benchmarks import loader as L  # noqa: E402
-from benchmarks import throughput as TP  # noqa: E402
-from benchmarks import time_to_accuracy as TTA  # noqa: E402
-from benchmarks.common import parse_markdown_table  # noqa: E402
-from fastcifar import train as T  # noqa: E402
-from fastcifar.data import prepare_betons  # noqa: E402
+from benchmarks import baseline as B
+from benchmarks import loader as L
+from benchmarks import ray_executor as RX
+from benchmarks import throughput as TP
+from benchmarks import time_to_accuracy as TTA
+from benchmarks.common import parse_markdown_table
+from fastcifar import TrainConfig
+from fastcifar.data import prepare_betons
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -80,6 +77,7 @@ def test_harness_end_to_end(betons, tmp_path):
         assert m["status"] == "done" and m["norm"] == norm and m["amp"] is False
         assert s["time_to_target_s"]["median"] == m["time_to_target_s"] > 0
         assert s["epochs_to_target"]["median"] == m["epochs_to_target"] == 1
+        assert s["steps_to_target"]["median"] == m["steps_to_target"] == m["steps_per_epoch"] > 0
         assert s["final_test_acc"]["mean"] == m["final_test_acc"] and s["final_test_acc"]["std"] is None
         assert s["params"] == m["params"] and s["eval_time_s"] == m["eval_time_s"] > 0
         assert s["compile_time_s"] == 0.0 and s["speedup_vs_baseline"] is None
@@ -93,6 +91,7 @@ def test_harness_end_to_end(betons, tmp_path):
         assert num(row["final test acc (%)"]) == pytest.approx(100 * s["final_test_acc"]["mean"], abs=0.006)
         assert num(row["best test acc (%)"]) == pytest.approx(100 * s["best_test_acc"]["mean"], abs=0.006)
         assert num(row["eval (s)"]) == pytest.approx(s["eval_time_s"], abs=0.006)
+        assert int(row["steps to target, median"]) == s["steps_to_target"]["median"]
         assert int(row["params"]) == s["params"] and row["reached / runs"] == "1 / 1"
         assert row["speed-up vs baseline"] == "n/a"
     md = (out / "results.md").read_text()
@@ -103,14 +102,14 @@ def test_harness_end_to_end(betons, tmp_path):
 
 
 def test_failed_and_unreached_runs_report_failures_not_times(betons, tmp_path, monkeypatch):
-    real = T.train
+    real = TTA.fit
 
-    def flaky(args):
-        if args.norm == "gn":
+    def flaky(cfg):
+        if cfg.norm == "gn":
             raise RuntimeError("simulated crash")
-        return real(args)
+        return real(cfg)
 
-    monkeypatch.setattr(T, "train", flaky)
+    monkeypatch.setattr(TTA, "fit", flaky)
     out = tmp_path / "tta"
     # 100% on random pixels is out of reach: bn trains but never gets there
     assert tta(betons, out, "--norm", "bn", "gn", "--target", "1.0") == 1  # a crash makes the exit status 1
@@ -138,28 +137,30 @@ def test_failed_and_unreached_runs_report_failures_not_times(betons, tmp_path, m
     assert "gn seed 0: failed: RuntimeError: simulated crash" in md and "bn seed 0: not_reached" in md
 
 
-def fake_train(times):
-    """T.train stand-in: per seed, a time-to-target, None (not reached) or an exception to raise."""
-    def train(args):
-        t = times[args.seed]
+def fake_fit(times):
+    """fastcifar.fit stand-in: per seed, a time-to-target, None (not reached) or an exception to raise."""
+    def fit(cfg):
+        t = times[cfg.seed]
         if isinstance(t, Exception):
             raise t
-        hist = [{"epoch": 1, "train_loss": 2.0, "train_acc": 0.3, "test_loss": 2.0, "test_acc": 0.5 if t else 0.2,
-                 "train_time_s": t or 9.0, "eval_time_s": 0.1}]
-        return {"norm": args.norm, "params": 1234, "history": hist, "time_to_target_s": t,
-                "epochs_to_target": 1 if t else None, "final_test_acc": hist[-1]["test_acc"],
-                "best_test_acc": hist[-1]["test_acc"], "compile_time_s": 0.5, "eval_time_s": 0.1, "epochs_run": 1}
-    return train
+        hist = [{"epoch": 1, "steps": 40, "train_loss": 2.0, "train_acc": 0.3, "test_loss": 2.0,
+                 "test_acc": 0.5 if t else 0.2, "train_time_s": t or 9.0, "eval_time_s": 0.1}]
+        return SimpleNamespace(out=cfg.out, metrics={
+            "norm": cfg.norm, "params": 1234, "history": hist, "time_to_target_s": t, "epochs_to_target": 1 if t else None,
+            "steps_to_target": 40 * cfg.seed + 40 if t else None, "final_test_acc": hist[-1]["test_acc"],
+            "best_test_acc": hist[-1]["test_acc"], "compile_time_s": 0.5, "eval_time_s": 0.1, "epochs_run": 1})
+    return fit
 
 
 def test_medians_are_over_the_seeds_that_reached_the_target(betons, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(T, "train", fake_train({0: 3.0, 1: FloatingPointError("non-finite loss"), 2: 5.0, 3: 10.0,
-                                                4: None}))
+    monkeypatch.setattr(TTA, "fit", fake_fit({0: 3.0, 1: FloatingPointError("non-finite loss"), 2: 5.0, 3: 10.0,
+                                              4: None}))
     out = tmp_path / "tta"
     assert TTA.main(["--data", betons, "--out", str(out), "--norm", "ln", "--seeds", "5", "--target", "0.4",
                      "--no-warmup"]) == 1
     s = load(out)["norms"]["ln"]
     assert s["time_to_target_s"] == {"median": 5.0, "min": 3.0, "max": 10.0}
+    assert s["steps_to_target"] == {"median": 120, "min": 40, "max": 160}  # seeds 0, 2, 3 reached
     assert (s["runs"], s["reached"], s["failed"], s["not_reached"], s["failures"], s["status"]) == (5, 3, 1, 1, 2,
                                                                                                      "partial")
     assert s["final_test_acc"]["n"] == 4 and s["compile_time_s"] == 0.5
@@ -184,11 +185,21 @@ def test_speedup_and_its_lower_bound():
     assert TTA.speedup(reached, {"time_to_target_s": {"median": None}}) is None
 
 
-def test_bad_training_flags_stop_before_any_run(betons, tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        tta(betons, tmp_path / "tta", "--norm", "bn", "--train-args=--no-such-flag")
-    assert "fastcifar.train" in capsys.readouterr().err  # training's own parser refused it
+@pytest.mark.parametrize("bad, message", [(["--set", "no_such=1"], "unknown setting no_such"),
+                                         (["--set", "lr=-1"], "--lr must be a positive number"),
+                                         (["--grid", "tta=off,sideways"], "--tta must be one of")])
+def test_bad_training_settings_stop_before_any_run(betons, tmp_path, capsys, bad, message):
+    with pytest.raises(SystemExit) as e:
+        tta(betons, tmp_path / "tta", "--norm", "bn", *bad)
+    assert str(e.value.code).startswith("error: ") and message in str(e.value.code)  # TrainConfig refused it
     assert not (tmp_path / "tta" / "runs").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
+def test_device_cuda_without_cuda_is_a_one_line_error(betons, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        tta(betons, tmp_path / "tta", "--device", "cuda")
+    assert e.value.code == "error: --device cuda: no CUDA device is available"
 
 
 # ---------------------------------------------------------------- baseline
@@ -225,7 +236,7 @@ def test_baseline_runs_beside_the_norms_and_gives_a_speedup(betons, tmp_path):
 
 
 def test_baseline_that_misses_the_target_makes_speedups_lower_bounds(betons, tmp_path, monkeypatch):
-    monkeypatch.setattr(T, "train", fake_train({0: 0.5}))
+    monkeypatch.setattr(TTA, "fit", fake_fit({0: 0.5}))
     out = tmp_path / "tta"
     assert tta(betons, out, "--norm", "bn", "--target", "0.99", "--baseline", "--baseline-epochs", "1") == 0
     res = load(out)
@@ -288,7 +299,7 @@ def test_suite_records_a_missing_part_and_passes_flags_through(tmp_path, monkeyp
 
 def test_results_md_is_rendered_from_the_json(betons, tmp_path, monkeypatch):
     """Re-rendering the saved JSON gives the saved Markdown: the table has no numbers of its own."""
-    monkeypatch.setattr(T, "train", fake_train({0: 1.25, 1: 2.5}))
+    monkeypatch.setattr(TTA, "fit", fake_fit({0: 1.25, 1: 2.5}))
     out = tmp_path / "tta"
     assert TTA.main(["--data", betons, "--out", str(out), "--norm", "bn", "--seeds", "2", "--no-warmup"]) == 0
     res = load(out)
@@ -333,13 +344,13 @@ def test_throughput_counts_the_models_flops_and_times_both_ways(tmp_path):
 
 def test_grid_expands_into_runs_with_its_training_flags(betons, tmp_path, monkeypatch):
     seen = []
-    fake = fake_train({0: 1.0, 1: 2.0})
+    fake = fake_fit({0: 1.0, 1: 2.0})
 
-    def train(args):
-        seen.append((args.norm, args.seed, args.lr, args.label_smoothing))
-        return fake(args)
+    def fit(cfg):
+        seen.append((cfg.norm, cfg.seed, cfg.lr, cfg.label_smoothing))
+        return fake(cfg)
 
-    monkeypatch.setattr(T, "train", train)
+    monkeypatch.setattr(TTA, "fit", fit)
     out = tmp_path / "tta"
     assert TTA.main(["--data", betons, "--out", str(out), "--norm", "bn", "gn", "--seeds", "2", "--no-warmup",
                      "--target", "0.4", "--grid", "lr=0.1,0.3", "label-smoothing=0"]) == 0
@@ -349,17 +360,18 @@ def test_grid_expands_into_runs_with_its_training_flags(betons, tmp_path, monkey
     labels = [f"{n} lr={lr} label_smoothing=0" for lr in ("0.1", "0.3") for n in ("bn", "gn")]
     assert list(res["norms"]) == res["settings"]["groups"] == labels
     for label, s in res["norms"].items():
-        assert (s["runs"], s["reached"]) == (2, 2) and s["config"]["lr"] in ("0.1", "0.3")
+        assert (s["runs"], s["reached"]) == (2, 2) and s["config"]["lr"] in (0.1, 0.3)
     assert {r["out"] for r in res["runs"]} == {str(out / "runs" / f"{n}-lr{lr}-label_smoothing0-s{s}")
                                                for n in ("bn", "gn") for lr in ("0.1", "0.3") for s in (0, 1)}
     assert set(table(out)) == set(labels) and res["executor"] == "local"
-    assert all(r["where"] == {"executor": "local", "node_id": None, "host": r["where"]["host"], "pid": os.getpid()}
-               for r in res["runs"])
+    assert all(r["where"] == {"executor": "local", "node_id": None, "host": r["where"]["host"], "pid": os.getpid(),
+                              "niceness": os.nice(0)} for r in res["runs"])
 
 
 @pytest.mark.parametrize("bad, message", [
     (["--grid", "lr"], "KEY=V1,V2"), (["--grid", "lr="], "KEY=V1,V2"), (["--grid", "seed=1,2"], "--seeds"),
-    (["--grid", "lr=1", "lr=2"], "twice"), (["--gpus-per-run", "1"], "only with --executor ray"),
+    (["--grid", "lr=1", "lr=2"], "twice"), (["--set", "lr=1,2"], "one value"), (["--set", "out=x"], "--out"),
+    (["--gpus-per-run", "1"], "only with --executor ray"),
     (["--executor", "ray", "--gpus-per-run", "0.5"], "slow each other"),
     (["--executor", "ray", "--cpus-per-run", "0"], "at least 1"),
     (["--accuracy-only", "--baseline"], "need times")])
@@ -380,17 +392,26 @@ def test_fractional_gpus_are_allowed_only_without_times():
         TTA.ray_resources(TTA.parse_args(["--executor", "ray", "--gpus-per-run", "0"]), torch.device("cuda"))
     # packed runs get the CPUs they asked for as torch threads; timed runs keep the trainer's default (all cores)
     dev = torch.device("cpu")
-    assert TTA.train_argv(a, "bn", 0, "D", "O", dev)[-4:-2] == ["--threads", "2"]
-    assert "--threads" not in TTA.train_argv(TTA.parse_args(["--executor", "ray", "--cpus-per-run", "2"]), "bn", 0,
+    assert TTA.run_settings(a, "bn", 0, "D", "O", dev)["threads"] == 2
+    assert "threads" not in TTA.run_settings(TTA.parse_args(["--executor", "ray", "--cpus-per-run", "2"]), "bn", 0,
                                              "D", "O", dev)
 
 
-def test_compile_is_passed_only_when_chosen():
+def test_compile_is_set_only_when_chosen():
     dev = torch.device("cpu")
-    argv = lambda *flags: TTA.train_argv(TTA.parse_args(list(flags)), "bn", 0, "D", "O", dev)  # noqa: E731
-    assert not any(a.startswith("--compile") for a in argv())  # the trainer's own default decides
-    on, off = T.parse_args(argv("--compile")), T.parse_args(argv("--no-compile"))
-    assert on.compile in (True, "on") and off.compile in (False, "off")
+    cfg = lambda *flags: TrainConfig.resolve(**TTA.run_settings(TTA.parse_args(list(flags)), "bn", 0, "D", "O", dev))  # noqa: E731
+    assert cfg().compile == "auto" and cfg().sources["compile"] == "default"  # the trainer's own default decides
+    assert cfg("--compile").compile == "on" and cfg("--no-compile").compile == "off"
+    assert (cfg("--set", "cutout=8", "arch=deep").cutout, cfg("--set", "arch=deep").arch) == (8, "deep")
+
+
+def test_timed_runs_below_normal_priority_are_flagged():
+    st = {"executor": "ray", "accuracy_only": False, "ray": {"address": "HEAD:6379", "gpus_per_run": 1,
+                                                             "cpus_per_run": 4}}
+    runs = [{"where": {"niceness": 15}}, {"where": {"niceness": 15}}]
+    assert "runs at nice 15 (**below normal priority**" in TTA.executor_line(st, runs)
+    assert TTA.executor_line(st, [{"where": {"niceness": 0}}]).endswith("one run per machine at a time, runs at nice 0")
+    assert "below normal" not in TTA.executor_line(dict(st, accuracy_only=True), runs)
 
 
 def test_one_timed_run_per_machine():
@@ -406,10 +427,11 @@ def test_one_timed_run_per_machine():
 @pytest.fixture(scope="module")
 def ray_session():
     ray = pytest.importorskip("ray")
-    # small: this machine has 2 cores, no dashboard, a small object store
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=RX.EMBEDDED["object_store_memory"])
+    # the harness's own embedded Ray for timed runs: no dashboard, a small object store, workers at nice 0
+    stop, niceness = RX.start(timed=True)
+    assert niceness == 0 and os.environ.get(RX.NICENESS_ENV) is None  # asked of Ray, not left in this process
     yield ray
-    ray.shutdown()
+    stop()
 
 
 @pytest.mark.slow
@@ -417,7 +439,7 @@ def test_ray_sweep_runs_every_job_in_ray_workers(ray_session, betons, tmp_path):
     out = tmp_path / "tta"
     assert TTA.main(["--data", betons, "--out", str(out), "--executor", "ray", "--accuracy-only", "--norm", "bn", "gn",
                      "--seeds", "2", "--epochs", "1", "--limit", "100", "--no-amp", "--no-warmup",
-                     "--target", "0.01", "--train-args=--batch-size 50"]) == 0
+                     "--target", "0.01", "--set", "batch_size=50"]) == 0
     res = load(out)
     assert res["executor"] == "ray" and res["settings"]["ray"]["cpus_per_run"] == 1 and res["status"] == "ok"
     assert sorted((r["norm"], r["seed"]) for r in res["runs"]) == [("bn", 0), ("bn", 1), ("gn", 0), ("gn", 1)]
@@ -432,7 +454,10 @@ def test_ray_sweep_runs_every_job_in_ray_workers(ray_session, betons, tmp_path):
         assert (s["runs"], s["reached"]) == (2, 2) and s["time_to_target_s"]["median"] is None  # accuracy only
     rows = table(out)
     assert rows["bn"]["reached / runs"] == "2 / 2" and rows["bn"]["time to target, median (s)"] == "not timed"
-    assert "## Where each run ran" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "## Where each run ran" in md and "runs at nice 0" in md
+    assert all(r["where"]["niceness"] == 0 and r["torch_threads"] == 1 for r in res["runs"])
+    assert f"{res['environment']['cpu_cores']} cores, 1 torch threads" in md  # the runs' threads, not the driver's
     assert (out / "time_to_accuracy.png").read_bytes().startswith(PNG_MAGIC)
 
 
@@ -457,5 +482,6 @@ def test_ray_killed_task_is_reported_failed_and_timed_runs_never_overlap(ray_ses
     assert res[1]["status"] == "failed" and res[1]["error"].startswith("killed: ") and res[1]["seed"] == 1
     ok = [r for r in res if r["status"] == "reached"]
     assert [r["i"] for r in ok] == [0, 2, 3] and all(r["where"]["pid"] != os.getpid() and r["warm"] for r in ok)
+    assert all(r["where"]["niceness"] == 0 for r in ok)  # timed runs at normal priority, checked in the task
     spans = sorted((r["t0"], r["t1"]) for r in ok)
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # one machine: one run at a time

@@ -1,21 +1,22 @@
-"""python -m benchmarks.gpu_report on the CPU: what it runs and skips, how failures are recorded, and the
-configuration-to-flags table that the GPU runs will use."""
+"""python -m benchmarks.gpu_report on the CPU: what it runs and skips, how failures are recorded, the settings each
+time-to-target configuration trains with, the kernels part's check-before-timing, and --cpu-smoke end to end."""
 import json
 import os
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import ROOT, WE_SET_INTERPRET
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from benchmarks import gpu_report as G  # noqa: E402
-from benchmarks import time_to_accuracy as TTA  # noqa: E402
-from fastcifar import train as T  # noqa: E402
+from benchmarks import kernels as K
+from benchmarks import time_to_accuracy as TTA
+from benchmarks.gpu_report import cli, kernels_part, processes, render, tests_part
+from benchmarks.gpu_report import time_to_target_part as TT
+from fastcifar import TrainConfig
+from fastcifar.device import ConfigError
 
 no_cuda_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the report written without CUDA")
 
@@ -53,30 +54,35 @@ def synthetic_tests(tmp_path):
     return str(path)
 
 
+def context(tmp_path, cuda=True, smoke=False):
+    return cli.Context(str(tmp_path), cuda, {"cuda": cuda, "state": "running", "parts": {},
+                                             "environment": cli.environment_record(False, [])}, smoke)
+
+
 # ---------------------------------------------------------------- the whole command without CUDA
 
 @no_cuda_only
 def test_cpu_run_reports_no_cuda_and_what_it_skipped(tmp_path, synthetic_tests):
     out = tmp_path / "report"
-    assert G.main(["--out", str(out), "--test-paths", synthetic_tests]) == 0
+    assert cli.main(["--out", str(out), "--test-paths", synthetic_tests]) == 0
     rep, md = load(out)
     assert rep["cuda"] is False and rep["state"] == "complete"
     assert rep["environment"]["torch"] == torch.__version__ and rep["environment"]["git_commit"]
     parts = rep["parts"]
-    assert list(parts) == list(G.PARTS) and all(p["status"] == "skipped" for p in parts.values())
+    assert list(parts) == list(cli.PARTS) and all(p["status"] == "skipped" for p in parts.values())
     # the CUDA tests were selected and skipped; the plain one and the skip-with-CUDA one were not selected
     names = {t["test"].split("::")[1]: t["outcome"] for t in parts["tests"]["tests"]}
     assert names == {"test_needs_cuda": "skipped", "test_marked_cuda": "skipped"}
     assert "no CUDA" in parts["tests"]["reason"] and "no CUDA" in parts["kernels"]["reason"]
     assert "no CUDA" in parts["time_to_target"]["reason"] and "--cpu-smoke" in parts["time_to_target"]["reason"]
     assert "**no CUDA device**" in md and "test_needs_cuda" in md
-    assert all(f"| {p} | skipped |" in md for p in G.PARTS)
+    assert all(f"| {p} | skipped |" in md for p in cli.PARTS)
 
 
 @pytest.mark.slow
 @no_cuda_only
 def test_real_suite_selects_the_cuda_tests(tmp_path):
-    assert G.main(["--out", str(tmp_path), "--parts", "tests"]) == 0
+    assert cli.main(["--out", str(tmp_path), "--parts", "tests"]) == 0
     tests = {t["test"].split("::")[1].split("[")[0] for t in load(tmp_path)[0]["parts"]["tests"]["tests"]}
     assert {"test_cuda_dtypes_on_model_shapes", "test_cuda_fp32_weight_with_bf16_activations"} <= tests
     assert "test_kernel_benchmark_skips_without_cuda" not in tests  # skipped *with* CUDA: not a CUDA test
@@ -96,9 +102,8 @@ def test_failed_tests_fail_the_part(tmp_path, monkeypatch):
         with open(path, "w") as f:
             f.write(junit)
         return 1, 0.5
-    monkeypatch.setattr(G, "run_logged", fake_pytest)
-    ctx = G.Context(str(tmp_path), True, {})
-    rec = G.part_tests(G.parse_args(["--out", str(tmp_path), "--test-paths", "x.py"]), ctx)
+    monkeypatch.setattr(tests_part, "run_logged", fake_pytest)
+    rec = tests_part.run(cli.parse_args(["--out", str(tmp_path), "--test-paths", "x.py"]), context(tmp_path))
     assert rec["status"] == "failed" and rec["reason"].startswith("1 failed, 1 errors")
     assert [(t["test"], t["outcome"], t["message"]) for t in rec["tests"]] == [
         ("t::ok", "passed", ""), ("t::bad", "failed", "assert 1 == 2"), ("t::boom", "error", "fixture broke"),
@@ -106,15 +111,29 @@ def test_failed_tests_fail_the_part(tmp_path, monkeypatch):
 
 
 def test_pytest_that_writes_no_junit_is_a_failure(tmp_path, monkeypatch):
-    monkeypatch.setattr(G, "run_logged", lambda cmd, log, timeout: ("timeout", 9.0))
-    args = G.parse_args(["--out", str(tmp_path), "--test-paths", "x.py"])
-    rec = G.part_tests(args, G.Context(str(tmp_path), True, {}))
+    monkeypatch.setattr(tests_part, "run_logged", lambda cmd, log, timeout: ("timeout", 9.0))
+    rec = tests_part.run(cli.parse_args(["--out", str(tmp_path), "--test-paths", "x.py"]), context(tmp_path))
     assert rec["status"] == "failed" and "timeout" in rec["reason"]
 
 
-# ---------------------------------------------------------------- failures are recorded, the rest still runs
+@pytest.mark.slow  # two pytest processes
+def test_smoke_collects_the_cuda_tests_and_fails_on_a_broken_module(tmp_path, synthetic_tests):
+    args = cli.parse_args(["--out", str(tmp_path), "--test-paths", synthetic_tests, "--cpu-smoke"])
+    rec = tests_part.run(args, context(tmp_path, cuda=False, smoke=True))
+    assert rec["status"] == "ok" and "not run" in rec["reason"], rec
+    assert sorted(t["test"].split("::")[1] for t in rec["tests"]) == ["test_marked_cuda", "test_needs_cuda"]
+    assert {t["outcome"] for t in rec["tests"]} == {"collected"}
+    broken = tmp_path / "suite" / "test_broken.py"
+    broken.write_text("import no_such_module_anywhere\n")
+    args.test_paths.append(str(broken))
+    rec = tests_part.run(args, context(tmp_path, cuda=False, smoke=True))
+    assert rec["status"] == "failed" and "exited with status" in rec["reason"]
 
-def test_a_part_that_raises_is_recorded_and_the_others_run(tmp_path, monkeypatch):
+
+# ---------------------------------------------------------------- failures are recorded, the rest still run
+
+@pytest.mark.parametrize("smoke", [[], ["--cpu-smoke"]])
+def test_a_part_that_raises_is_recorded_and_the_others_run(tmp_path, monkeypatch, smoke):
     ran = []
 
     def boom(args, ctx):
@@ -126,24 +145,25 @@ def test_a_part_that_raises_is_recorded_and_the_others_run(tmp_path, monkeypatch
             ran.append(name)
             return {"status": "ok", "reason": f"{name} fine"}
         return part
-    monkeypatch.setitem(G.PART_FNS, "tests", boom)
-    monkeypatch.setitem(G.PART_FNS, "kernels", fine("kernels"))
-    monkeypatch.setitem(G.PART_FNS, "time_to_target", fine("time_to_target"))
-    assert G.main(["--out", str(tmp_path)]) == 1
+    monkeypatch.setitem(cli.PART_FNS, "tests", boom)
+    monkeypatch.setitem(cli.PART_FNS, "kernels", fine("kernels"))
+    monkeypatch.setitem(cli.PART_FNS, "time_to_target", fine("time_to_target"))
+    assert cli.main(["--out", str(tmp_path), *smoke]) == 1
     rep, md = load(tmp_path)
     assert ran == ["tests", "kernels", "time_to_target"] and rep["state"] == "complete"
     t = rep["parts"]["tests"]
     assert t["status"] == "failed" and t["reason"] == "RuntimeError: the GPU caught fire" and "boom" in t["traceback"]
     assert rep["parts"]["kernels"]["status"] == rep["parts"]["time_to_target"]["status"] == "ok"
     assert "the GPU caught fire" in md and "| kernels | ok | kernels fine |" in md
+    assert rep["smoke"] is bool(smoke)
 
 
 def test_interrupt_keeps_the_report(tmp_path, monkeypatch):
     def interrupted(args, ctx):
         raise KeyboardInterrupt
-    monkeypatch.setitem(G.PART_FNS, "tests", lambda args, ctx: {"status": "ok", "reason": "done"})
-    monkeypatch.setitem(G.PART_FNS, "kernels", interrupted)
-    assert G.main(["--out", str(tmp_path), "--parts", "tests", "kernels"]) == 130
+    monkeypatch.setitem(cli.PART_FNS, "tests", lambda args, ctx: {"status": "ok", "reason": "done"})
+    monkeypatch.setitem(cli.PART_FNS, "kernels", interrupted)
+    assert cli.main(["--out", str(tmp_path), "--parts", "tests", "kernels"]) == 130
     rep, _ = load(tmp_path)
     assert rep["state"] == "interrupted" and rep["parts"]["tests"]["status"] == "ok"
     assert rep["parts"]["kernels"] == {"status": "failed", "reason": "interrupted"}
@@ -151,157 +171,146 @@ def test_interrupt_keeps_the_report(tmp_path, monkeypatch):
 
 def test_crashed_and_hung_processes_are_named(tmp_path):
     log = str(tmp_path / "x.log")
-    rc, _ = G.run_logged([sys.executable, "-c", "import os; print('last words', flush=True); os.abort()"], log, 60)
-    assert rc not in (0, "timeout") and "last words" in G.crash_note(rc, log, 60)
-    rc, secs = G.run_logged([sys.executable, "-c", "import time; time.sleep(60)"], log, 1)
-    assert rc == "timeout" and secs < 30 and "1 s timeout" in G.crash_note(rc, log, 1)
+    rc, _ = processes.run_logged([sys.executable, "-c", "import os; print('last words', flush=True); os.abort()"],
+                                 log, 60)
+    assert rc not in (0, "timeout") and "last words" in processes.crash_note(rc, log, 60)
+    rc, secs = processes.run_logged([sys.executable, "-c", "import time; time.sleep(60)"], log, 1)
+    assert rc == "timeout" and secs < 30 and "1 s timeout" in processes.crash_note(rc, log, 1)
 
 
-# ---------------------------------------------------------------- configuration -> training flags
-
-def test_configuration_table_gives_the_intended_flags():
-    assert G.config_flags("eager") == ["--compile", "off", "--fused-norm", "off", "--no-cuda-graphs"]
-    assert G.config_flags("compile-graphs") == ["--compile", "on", "--fused-norm", "off", "--cuda-graphs"]
-    assert G.config_flags("fused") == ["--compile", "off", "--fused-norm", "on", "--no-cuda-graphs"]
-    assert G.config_flags("compile-fused-graphs") == ["--compile", "on", "--fused-norm", "on", "--cuda-graphs"]
-    assert len({tuple(G.config_flags(c)) for c in G.CONFIGS}) == 6  # distinct: graphs only with compile
-    assert G.configs_for("bn", list(G.CONFIGS)) == ["eager", "compile", "compile-graphs"]
-    assert G.configs_for("ln", list(G.CONFIGS)) == list(G.CONFIGS)
+def test_a_child_gets_its_own_cold_caches(tmp_path):
+    env = processes.fresh_caches(str(tmp_path / "c"))
+    log = str(tmp_path / "x.log")
+    code = "import os; print(os.environ['TORCHINDUCTOR_CACHE_DIR'], os.environ['TRITON_CACHE_DIR'])"
+    assert processes.run_logged([sys.executable, "-c", code], log, 60, env)[0] == 0
+    assert processes.log_tail(log, 1).split() == [str(tmp_path / "c" / "inductor"), str(tmp_path / "c" / "triton")]
 
 
-def test_train_argv_per_configuration(tmp_path):
-    args = G.parse_args(["--out", str(tmp_path), "--train-args=--batch-size 512", "--epochs", "4"])
-    runs, warm = G.train_argvs(args, "gn", "compile-fused-graphs", [0, 1], "/betons", str(tmp_path / "c"),
-                               torch.device("cuda"))
-    assert sorted(runs) == [0, 1]
-    a = runs[1]
-    assert a[a.index("--norm") + 1] == "gn" and a[a.index("--seed") + 1] == "1" and a[a.index("--device") + 1] == "cuda"
-    assert a[a.index("--data") + 1] == "/betons" and a[a.index("--out") + 1] == str(tmp_path / "c" / "s1")
-    assert a[a.index("--epochs") + 1] == "4" and "--amp" in a and a[a.index("--batch-size") + 1] == "512"
-    assert a[-5:] == ["--compile", "on", "--fused-norm", "on", "--cuda-graphs"]
+# ---------------------------------------------------------------- configurations -> TrainConfig settings
+
+def test_configuration_table_gives_the_intended_settings():
+    assert TT.CONFIGS["eager"] == {"compile": "off", "fused_norm": "off", "cuda_graphs": False}
+    assert TT.CONFIGS["compile-fused-graphs"] == {"compile": "on", "fused_norm": "on", "cuda_graphs": True}
+    assert len({tuple(c.values()) for c in TT.CONFIGS.values()}) == 6  # distinct: graphs only with compile
+    assert not any(c["cuda_graphs"] and c["compile"] == "off" for c in TT.CONFIGS.values())
+    assert TT.configs_for("bn", list(TT.CONFIGS)) == ["eager", "compile", "compile-graphs"]
+    assert TT.configs_for("ln", list(TT.CONFIGS)) == list(TT.CONFIGS)
+    assert TT.describe("fused") == "compile=off fused_norm=on cuda_graphs=false"
+
+
+@pytest.mark.parametrize("name", list(TT.CONFIGS))
+def test_every_configuration_is_a_valid_train_config(name, tmp_path):
+    args = cli.parse_args(["--out", str(tmp_path), "--set", "batch_size=512", "--epochs", "4"])
+    cfg = TT.run_config(args, "gn", name, 1, "/betons", str(tmp_path / "c"), "cuda")
+    assert (cfg.compile, cfg.fused_norm, cfg.cuda_graphs) == tuple(TT.CONFIGS[name].values())
+    assert (cfg.norm, cfg.seed, cfg.device, cfg.data, cfg.out) == ("gn", 1, "cuda", "/betons", str(tmp_path / "c" / "s1"))
+    assert (cfg.epochs, cfg.batch_size, cfg.amp, cfg.quiet, cfg.plots, cfg.target_acc) == (4, 512, True, True, False, 0.7)
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # what the child process gets
     # the untimed warm-up: same norm and kernel, no compile, no graphs, one epoch on a small subset
-    assert warm[-5:] == ["--compile", "off", "--fused-norm", "on", "--no-cuda-graphs"]
-    assert warm[warm.index("--epochs") + 1] == "1" and warm[warm.index("--limit") + 1] == str(TTA.WARMUP_IMAGES)
+    w = TTA.warmup_config(cfg, str(tmp_path / "w"))
+    assert (w.compile, w.cuda_graphs, w.fused_norm, w.epochs, w.limit) == ("off", False, cfg.fused_norm, 1,
+                                                                            TTA.WARMUP_IMAGES)
+    assert (w.norm, w.batch_size, w.out) == ("gn", 512, str(tmp_path / "w"))
 
 
-def _train_has_new_flags():
-    return G.train_rejects(["--compile", "off", "--fused-norm", "off", "--no-cuda-graphs"]) is None
-
-
-@pytest.mark.skipif(not _train_has_new_flags(),
-                    reason="fastcifar.train has no --compile {auto,on,off} / --cuda-graphs yet")
-@pytest.mark.parametrize("name", list(G.CONFIGS))
-def test_train_parses_every_configuration(name, tmp_path):
-    compile_, fused, graphs = G.CONFIGS[name]
-    args = G.parse_args(["--out", str(tmp_path)])
-    runs, warm = G.train_argvs(args, "gn", name, [0], "/betons", str(tmp_path), torch.device("cuda"))
-    t = T.parse_args(runs[0])
-    assert t.compile in ((True, "on") if compile_ else (False, "off"))
-    assert t.fused_norm == ("on" if fused else "off") and t.cuda_graphs is graphs
-    w = T.parse_args(warm)
-    assert w.compile in (False, "off") and w.cuda_graphs is False and w.epochs == 1
-
-
-def test_rejected_flags_are_a_one_line_error():
-    assert "--no-such-flag" in G.train_rejects(["--no-such-flag"])
-    assert G.train_rejects(["--norm", "gn"]) is None
+def test_refused_settings_are_a_config_error(tmp_path):
+    args = cli.parse_args(["--out", str(tmp_path), "--set", "no_such=1"])
+    with pytest.raises(ConfigError, match="no_such"):
+        TT.run_config(args, "gn", "eager", 0, "/betons", str(tmp_path), "cuda")
 
 
 # ---------------------------------------------------------------- time to target, as it runs on a GPU
 
 def _fake_run(seed, status="reached", t=1.0):
     return {"norm": "x", "seed": seed, "status": status, "time_to_target_s": t if status == "reached" else None,
-            "epochs_to_target": 2 if status == "reached" else None, "final_test_acc": 0.72, "best_test_acc": 0.72,
-            "compile_time_s": 3.0, "eval_time_s": 0.1, "params": 49514,
-            "error": None if status == "reached" else "did not reach 70% in 3 epoch(s) (best 69.00%)"}
+            "epochs_to_target": 2 if status == "reached" else None, "steps_to_target": 782 if status == "reached"
+            else None, "final_test_acc": 0.72, "best_test_acc": 0.72, "compile_time_s": 3.0, "eval_time_s": 0.1,
+            "params": 49514, "error": None if status == "reached" else "did not reach 70% in 3 epoch(s) (best 69.00%)"}
 
 
-def test_time_to_target_records_each_configuration(tmp_path, monkeypatch):
+def test_time_to_target_runs_every_seed_cold_and_records_each_configuration(tmp_path, monkeypatch):
     import fastcifar.data
     manifest = {"description": "image folder x.tar.gz (JPEG)", "splits": {"train": {"images": 50000},
                                                                          "test": {"images": 10000}}}
     monkeypatch.setattr(fastcifar.data, "resolve_source", lambda p: p)
-    monkeypatch.setattr(fastcifar.data, "prepare_betons", lambda src, d: ("/betons", manifest))
-    monkeypatch.setattr(G, "train_rejects", lambda argv: "error: no graphs with the fused norm"
-                        if "--cuda-graphs" in argv and argv[argv.index("--fused-norm") + 1] == "on" else None)
+    monkeypatch.setattr(fastcifar.data, "prepare_data", lambda src, d, kind: SimpleNamespace(folder="/betons",
+                                                                                              manifest=manifest))
+    real = TT.run_config
+
+    def refusing(args, norm, name, *rest):
+        if norm == "gn" and name == "compile-fused-graphs":
+            raise ConfigError("--cuda-graphs: no graphs with the fused norm")
+        return real(args, norm, name, *rest)
+    monkeypatch.setattr(TT, "run_config", refusing)
     children = []
 
-    def fake_child(kind, spec, out, name, timeout):
-        children.append((name, spec))
-        assert kind == "tta" and spec["seeds"] == [0, 1] and spec["warmup"][-5:-3] == ["--compile", "off"]
-        if name == "tta-gn-compile":
+    def fake_child(kind, spec, out, name, timeout, env):
+        children.append((name, spec, env))
+        cfg, warm = spec["config"], spec["warmup"]
+        assert kind == "time_to_target" and (warm["compile"], warm["epochs"], warm["cuda_graphs"]) == ("off", 1, False)
+        assert warm["fused_norm"] == cfg["fused_norm"]
+        if name == "time_to_target-gn-compile-s1":
             return None, -11, 5.0, "/logs/crash.log"  # killed by a signal before writing anything
-        runs = [_fake_run(0), _fake_run(1, "not_reached" if name == "tta-gn-fused" else "reached", 2.0)]
-        return {"runs": runs, "summary": TTA.summarize_norm(runs), "warmup": {"status": "reached"}}, 0, 9.0, "/l"
-    monkeypatch.setattr(G, "run_child", fake_child)
-    args = G.parse_args(["--out", str(tmp_path), "--data", str(tmp_path), "--norm", "bn", "gn", "--seeds", "2"])
-    report = {"cuda": True, "state": "running", "environment": G.environment_record(False, []), "parts": {}}
-    ctx = G.Context(str(tmp_path), True, report)
-    rec = G.part_time_to_target(args, ctx)
+        status = "not_reached" if name == "time_to_target-gn-fused-s1" else "reached"
+        return {"run": _fake_run(cfg["seed"], status, 1.0 + cfg["seed"]), "warmup": {"status": "reached"}}, 0, 9.0, "/l"
+    monkeypatch.setattr(TT, "run_child", fake_child)
+    args = cli.parse_args(["--out", str(tmp_path), "--data", str(tmp_path), "--norm", "bn", "gn", "--seeds", "2"])
+    ctx = context(tmp_path)
+    rec = TT.run(args, ctx)
 
     by = {(c["norm"], c["config"]): c for c in rec["configs"]}
     assert len(by) == 3 + 6 and ("bn", "fused") not in by
     refused = by[("gn", "compile-fused-graphs")]
-    assert refused["status"] == "failed" and "no graphs" in refused["reason"]
-    names = [n for n, _ in children]
-    assert "tta-gn-compile-fused-graphs" not in names and "tta-gn-compile-graphs" in names  # no child when refused
+    assert refused["status"] == "failed" and "no graphs" in refused["reason"] and refused["runs"] == []
+    names = [n for n, _, _ in children]
+    assert len(names) == 2 * 8 and "time_to_target-gn-compile-fused-graphs-s0" not in names  # no child when refused
+    # one process per seed, each with caches of its own: every compile is cold
+    caches = [env["TORCHINDUCTOR_CACHE_DIR"] for _, _, env in children]
+    assert len(set(caches)) == len(caches) and all(c.startswith(str(tmp_path)) for c in caches)
+    assert {spec["config"]["seed"] for n, spec, _ in children if n.startswith("time_to_target-gn-eager")} == {0, 1}
     assert by[("gn", "compile")]["status"] == "failed" and "status -11" in by[("gn", "compile")]["reason"]
     assert by[("gn", "fused")]["status"] == "failed" and "seed 1: did not reach" in by[("gn", "fused")]["reason"]
     ok = by[("gn", "compile-fused")]
     assert ok["status"] == "ok" and ok["summary"]["time_to_target_s"]["median"] == 1.5
-    assert ok["argv"][-5:] == ["--compile", "on", "--fused-norm", "on", "--no-cuda-graphs"]
+    assert ok["summary"]["steps_to_target"]["median"] == 782 and ok["settings"] == TT.describe("compile-fused")
     assert rec["status"] == "failed" and "gn compile" in rec["reason"]
     assert ctx.report["dataset"]["images"] == {"train": 50000, "test": 10000}
 
-    report["parts"]["time_to_target"] = rec
-    md = G.render_markdown(report)
-    assert "| gn | compile-fused | `--compile on --fused-norm on --no-cuda-graphs` | 2 / 2 | 1.50 (1.00-2.00) |" in md
+    ctx.report["parts"]["time_to_target"] = rec
+    md = render.render_markdown(ctx.report)
+    assert "| gn | compile-fused | `compile=on fused_norm=on cuda_graphs=false` | 2 / 2 | 1.50 (1.00-2.00) | 782 |" in md
     assert "| gn | fused |" in md and "1 / 2" in md
 
 
-@pytest.mark.slow
-@no_cuda_only
-def test_cpu_smoke_trains_in_child_processes(small_source, tmp_path, monkeypatch):
-    # flags every version of the trainer takes for an eager, unfused, graph-free run
-    monkeypatch.setitem(G.TRAIN_FLAGS, "compile", {False: [], True: ["--compile"]})
-    monkeypatch.setitem(G.TRAIN_FLAGS, "graphs", {False: [], True: []})
-    out = tmp_path / "r"
-    rc = G.main(["--out", str(out), "--parts", "time_to_target", "--cpu-smoke", "--data", small_source,
-                 "--beton-dir", str(tmp_path / "b"), "--norm", "bn", "--configs", "eager", "compile", "--limit", "200",
-                 "--target", "0.01", "--no-amp"])
-    rep, md = load(out)
-    p = rep["parts"]["time_to_target"]
-    assert rc == 0 and p["status"] == "ok" and p["device"] == "cpu", p
-    (c,) = p["configs"]  # compile is left out on the CPU
-    assert c["config"] == "eager" and c["warmup"]["status"] in ("reached", "not_reached")
-    assert c["runs"][0]["status"] == "reached" and c["runs"][0]["epochs_run"] == 1
-    assert os.path.isfile(out / "time_to_target" / "bn-eager" / "s0" / "metrics.json")
-    assert rep["dataset"]["images_used"]["train"] == 200 and "| bn | eager |" in md
-
-
-# ---------------------------------------------------------------- the kernel timing, on the CPU's interpreter
+# ---------------------------------------------------------------- the kernels part: checked, then timed
 
 @pytest.fixture
 def interpreted_kernels(monkeypatch):
     import fastcifar_kernels as fk
-    from conftest import WE_SET_INTERPRET
     if WE_SET_INTERPRET:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-    if not fk.fused_available(torch.device("cuda" if torch.cuda.is_available() else "cpu")):
+    if not fk.fused_supported(torch.device("cuda" if torch.cuda.is_available() else "cpu")):
         pytest.skip("the Triton kernels cannot run here")
     return fk
 
 
-def test_kernel_timing_checks_the_fused_result(interpreted_kernels, monkeypatch):
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def one_call(run, n):
+    run(0)
+    return 0.5
+
+
+def test_kernel_timing_checks_before_it_times(interpreted_kernels, monkeypatch):
     fk = interpreted_kernels
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    calls = []
-    rows, check = G.time_kernel_config(fk, (4, 32, 8, 8, 4), "fp32", "cl", ["fwd", "fwdbwd"], ["eager", "fused"], dev,
-                                       lambda fn: (fn(), calls.append(1), 0.5)[2])
-    assert [(r["impl"], r["mode"], r["ms"]) for r in rows] == [
-        ("eager", "fwd", 0.5), ("eager", "fwdbwd", 0.5), ("fused", "fwd", 0.5), ("fused", "fwdbwd", 0.5)]
-    assert len(calls) == 4 and check["ok"] and check["keeps_format"] and max(check["rel_err"].values()) < 1e-5
-    # a kernel whose gradient is off must be caught by the check, not timed as if it were right
+    rows, check = K.time_config(fk, (4, 32, 8, 8, 4), "fp32", "cl", ["fwd", "fwdbwd"], ["eager", "compile", "fused"],
+                                DEV, {"us": one_call}, compile_backend="eager")
+    assert [(r["impl"], r["mode"], r["us"]) for r in rows] == [(i, m, 0.5) for i in ("eager", "compile", "fused")
+                                                                 for m in ("fwd", "fwdbwd")]
+    assert check["ok"] and check["keeps_format"] and max(check["rel_err"].values()) < 1e-5
+    assert fk.kernel_status()[f"{DEV}/float32/channels_last"] == "ok"  # verified before anything was timed
+    # a kernel whose gradient is off must be caught by the check, and then not timed at all
     real = fk.group_norm_relu
 
     class Scaled(torch.autograd.Function):
@@ -313,29 +322,83 @@ def test_kernel_timing_checks_the_fused_result(interpreted_kernels, monkeypatch)
         def backward(ctx, g):
             return 1.01 * g
     monkeypatch.setattr(fk, "group_norm_relu", lambda *a: Scaled.apply(real(*a)))
-    _, check = G.time_kernel_config(fk, (4, 32, 8, 8, 4), "fp32", "nchw", ["fwd"], ["fused"], dev, lambda fn: 1.0)
+    timed = []
+    rows, check = K.time_config(fk, (4, 32, 8, 8, 4), "fp32", "nchw", ["fwd"], ["eager", "fused"], DEV,
+                                {"us": lambda run, n: timed.append(1) or 1.0})
     assert not check["ok"] and check["rel_err"]["y"] < 1e-5 and check["rel_err"]["dx"] > 1e-3
+    assert rows == [] and timed == []
 
 
-def test_kernel_timing_refuses_to_time_the_torch_path(monkeypatch):
-    fk = G.importlib.import_module("fastcifar_kernels")
-    monkeypatch.setattr(fk, "fused_available", lambda x=None: False)
-    with pytest.raises(RuntimeError, match="fused kernel cannot run"):
-        G.time_kernel_config(fk, (2, 8, 4, 4, 2), "fp32", "cl", ["fwd"], ["fused"], "cpu", lambda fn: 1.0)
+def test_kernel_timing_refuses_a_kernel_that_fails_its_self_check(monkeypatch):
+    import fastcifar_kernels as fk
+
+    def failed(device, dtype=torch.float32, channels_last=True, strict=False):
+        raise RuntimeError("fused GroupNorm+ReLU kernel on cpu/float32/channels_last: mismatch: max relative error 1")
+    monkeypatch.setattr(fk, "verify_kernel", failed)
+    with pytest.raises(RuntimeError, match="mismatch"):
+        K.time_config(fk, (2, 8, 4, 4, 2), "fp32", "cl", ["fwd"], ["fused"], "cpu", {"us": one_call})
+    monkeypatch.setattr(fk, "verify_kernel", lambda *a, **k: True)
+    monkeypatch.setattr(fk, "fused_available", lambda x=None, *a: False)
+    with pytest.raises(RuntimeError, match="does not run"):
+        K.time_config(fk, (2, 8, 4, 4, 2), "fp32", "cl", ["fwd"], ["fused"], "cpu", {"us": one_call})
+
+
+def test_a_failed_configuration_is_a_failed_row(tmp_path, monkeypatch):
+    key = {"models": "gn", "N": 512, "C": 32, "H": 8, "W": 8, "G": 4, "format": "cl"}
+    good = dict(key, dtype="fp32", check={"rel_err": {"y": 1e-7, "dx": 1e-7, "dw": 1e-7, "db": 1e-7}, "tol": 1e-4,
+                                          "keeps_format": True, "ok": True},
+                rows=[{"impl": i, "mode": m, "us": 10.0} for i in ("eager", "compile", "fused") for m in ("fwd", "fwdbwd")])
+    wrong = dict(key, dtype="fp16", rows=[], check=dict(good["check"], rel_err={"y": 0.5, "dx": 0, "dw": 0, "db": 0},
+                                                        ok=False))
+    raised = dict(key, dtype="bf16", error="RuntimeError: fused GroupNorm+ReLU kernel on cuda/bfloat16: mismatch")
+    monkeypatch.setattr(kernels_part, "run_child", lambda kind, spec, out, name, timeout, env: (
+        {"shapes": 1, "planned": 3, "configs": [good, wrong, raised]}, 0, 1.0, "/l"))
+    ctx = context(tmp_path)
+    rec = kernels_part.run(cli.parse_args(["--out", str(tmp_path)]), ctx)
+    assert rec["status"] == "failed" and rec["reason"].startswith("2 of 3 configurations failed")
+    ctx.report["parts"]["kernels"] = rec
+    md = render.render_markdown(ctx.report)
+    assert "| gn | 512x32x8x8 | 4 | cl | fp32 | fwd | 10.0 | 10.0 | 10.0 | 1.00x | 1.00x | 1.0e-07 ok |" in md
+    assert "5.0e-01 FAILED: not timed" in md and "FAILED: RuntimeError: fused GroupNorm+ReLU" in md
+
+
+# ---------------------------------------------------------------- every part, toy-sized, on the CPU
+
+@pytest.mark.slow
+@no_cuda_only
+def test_cpu_smoke_runs_every_part_and_each_reports_ok(small_source, tmp_path):
+    """What CI runs so that a part that would crash on a GPU crashes here first: the real CUDA tests collected,
+    the kernels part under the interpreter, time_to_target in its child processes."""
+    out = tmp_path / "r"
+    rc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_report", "--cpu-smoke", "--out", str(out), "--data",
+                         small_source, "--beton-dir", str(tmp_path / "b")], cwd=ROOT, capture_output=True, text=True,
+                        timeout=600, env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}).returncode
+    rep, md = load(out)
+    assert {n: p["status"] for n, p in rep["parts"].items()} == {n: "ok" for n in cli.PARTS}, rep["parts"]
+    assert rc == 0 and rep["smoke"] is True and rep["state"] == "complete"
+    assert "test_cuda_dtypes_on_model_shapes" in md
+    (k,) = rep["parts"]["kernels"]["configs"]
+    assert k["check"]["ok"] and {r["impl"] for r in k["rows"]} == {"eager", "compile", "fused"}
+    (c,) = rep["parts"]["time_to_target"]["configs"]
+    (run,) = c["runs"]
+    assert (c["norm"], c["config"], run["epochs_run"], run["warmup"]["status"]) == ("gn", "eager", 1, "not_reached")
+    assert os.path.isfile(out / "time_to_target" / "gn-eager" / "s0" / "metrics.json")
+    assert rep["dataset"]["images_used"]["train"] == 200 and "| gn | eager |" in md
 
 
 # ---------------------------------------------------------------- input and import hygiene
 
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
-    for argv in (["--data", str(tmp_path / "missing")], ["--seeds", "0"], ["--target", "70"]):
+    for argv in (["--data", str(tmp_path / "missing")], ["--seeds", "0"], ["--target", "70"], ["--set", "lr"]):
         with pytest.raises(SystemExit) as e:
-            G.parse_args(["--out", str(tmp_path), *argv])
+            cli.parse_args(["--out", str(tmp_path), *argv])
         assert e.value.code == 2 and "error:" in capsys.readouterr().err
 
 
-def test_import_leaves_triton_alone():
-    """pytest loads the module as a plugin before tests/conftest.py sets TRITON_INTERPRET: triton must not be
-    imported by then, or the kernel tests would lose the interpreter."""
-    code = "import sys, benchmarks.gpu_report; sys.exit('triton' in sys.modules)"
+@pytest.mark.parametrize("module", ["benchmarks.gpu_report.plugin", "benchmarks.gpu_report.cli"])
+def test_import_leaves_triton_alone(module):
+    """pytest loads the plugin before tests/conftest.py sets TRITON_INTERPRET: triton must not be imported by
+    then, or the kernel tests would lose the interpreter."""
+    code = f"import sys, {module}; sys.exit('triton' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

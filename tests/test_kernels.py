@@ -54,9 +54,10 @@ needs_fused = pytest.mark.skipif(not FUSED_HERE,
 # ------------------------------------------------------------------------------------------------
 def _model_norm_shapes():
     """(C, H, W, G) of every group norm in the project's gn and ln models, in the layouts their presets train."""
+    from fastcifar.config import DEVICE_TYPES, PRESETS, preset_value
     from fastcifar.models import make_model
-    from fastcifar.train import PRESETS
-    return sorted({s[1:] for norm in ("gn", "ln") for arch in {p["arch"][norm] for p in PRESETS.values()}
+    archs = lambda norm: {preset_value(p, "arch", norm, d) for p in PRESETS for d in DEVICE_TYPES}  # noqa: E731
+    return sorted({s[1:] for norm in ("gn", "ln") for arch in archs(norm)
                    for s in fk.norm_shapes(make_model(norm, arch), (2, 3, 32, 32))})
 
 
@@ -578,7 +579,8 @@ def test_broken_kernel_is_caught_and_falls_back(broken, fresh_status, monkeypatc
 @needs_fused
 def test_fused_available_is_never_true_before_the_self_check(fresh_status, monkeypatch):
     x = make_inputs((2, 8, 4, 4), 2, "cl")[0]
-    assert fk.kernel_status() == {}
+    assert fk.fused_supported(DEV) is True and fk.fused_supported(DEV, torch.float64) is False
+    assert fk.kernel_status() == {}, "fused_supported runs nothing"
     assert fk.fused_available(x) is True
     assert fk.kernel_status() == {f"{DEV.type}/float32/channels_last": "ok"}, "True only after a passed check"
     real = impl._forward
