@@ -53,13 +53,13 @@ def configure(config=None, *, resume=None, config_file=None, explicit_source="ar
         settings["out"] = resume
     file = load_config_file(config_file) if config_file else (config.to_dict() if config is not None else None)
     file_sources = dict(config.sources) if config is not None and not config_file else {}
-    try:
-        cfg = TrainConfig.resolve(file=file, resumed=saved and saved["config"], explicit_source=explicit_source,
-                                  **settings)
-    except ConfigError as e:
-        if saved is not None and "resumed run" in str(e):
+    if saved is not None:  # the saved settings alone, through the same checks as the command line
+        try:
+            TrainConfig.resolve(resumed=saved["config"])
+        except ConfigError as e:
             raise CheckpointError(f"{resume}/model.pt: its saved settings are not valid ({e})") from None
-        raise
+    cfg = TrainConfig.resolve(file=file, resumed=saved and saved["config"], explicit_source=explicit_source,
+                              **settings)
     if file_sources:  # a TrainConfig passed in keeps the sources it was built with
         srcs = {k: (file_sources.get(k, v) if v == "config file" else v) for k, v in cfg.sources.items()}
         cfg = dataclasses.replace(cfg, sources=srcs)
