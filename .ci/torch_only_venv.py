@@ -4,7 +4,8 @@ Installing a CUDA torch into a venv copies about 5.5 GB, so the venv links this 
 distribution instead: every distribution that `torch` requires, recursively (markers and extras evaluated), and
 pip to install the rest. Each is linked with its .dist-info, so pip sees it installed; RECORD is left out of the
 linked .dist-info, so pip refuses to uninstall or upgrade one (which would delete the files it links to) rather
-than reach into this environment. Nothing else of this environment is visible: no .pth, no system site-packages.
+than reach into this environment (so never --force-reinstall or --ignore-installed one of them there: pip would
+write through the links). Nothing else of this environment is visible: no .pth, no system site-packages.
 Standard library only, plus `packaging` (or pip's own copy) for the requirement markers.
 """
 import argparse

@@ -193,6 +193,18 @@ def test_a_damaged_array_folder_given_as_the_source_is_refused(tmp_path, image_f
     _one_line(e, "array folder is not usable", "train.npy is truncated or corrupt")
 
 
+def test_an_installed_ffcv_that_cannot_be_imported_falls_back_to_arrays(tmp_path, image_folder, monkeypatch):
+    from fastcifar.data.prepare import ffcv_problem
+    (tmp_path / "site" / "ffcv").mkdir(parents=True)  # as ffcv is without libturbojpeg on the machine
+    (tmp_path / "site" / "ffcv" / "__init__.py").write_text("raise OSError('libturbojpeg.so.0: cannot open')\n")
+    monkeypatch.delitem(sys.modules, "ffcv", raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert ffcv_problem() == "ffcv cannot be imported (OSError: libturbojpeg.so.0: cannot open)"
+    msgs = []
+    assert prepare_data(image_folder[0], progress=msgs.append).kind == "arrays"
+    assert msgs[0].startswith("ffcv cannot be imported (OSError") and "betons need ffcv" in msgs[0]
+
+
 # a process in which ffcv cannot be imported at all: nothing of fastcifar imports it, the data path still works
 HIDE = textwrap.dedent("""
     import importlib.abc, sys

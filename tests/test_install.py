@@ -1,6 +1,7 @@
 """Installing into an environment with only torch (.ci/torch_only_venv.py links this environment's torch into a
 fresh venv): ./kernels alone runs GroupNormReLU without numpy; `pip install ./kernels .` trains without ffcv.
-Packages come from the package index pip is configured with; the checkout is copied first, since building in
+Packages come from the package index pip is configured with, under constraints.txt (a torchvision that wanted
+another torch would have pip refuse, not replace, the linked one); the checkout is copied first, since building in
 place would write build/ and *.egg-info into it."""
 import json
 import os
@@ -63,10 +64,11 @@ def test_kernels_then_fastcifar_install_and_train_with_only_torch_and_no_ffcv(tm
 
     names = {p["name"].lower() for p in json.loads(run("-m", "pip", "list", "--format=json"))}
     assert {"torch", "pip"} <= names and not names & {"numpy", "ffcv", "fastcifar", "pillow"}, names
-    run("-m", "pip", "install", "-q", shutil.copytree(os.path.join(ROOT, "kernels"), tmp_path / "kernels", ignore=IGNORE))
+    pip = ("-m", "pip", "install", "-q", "-c", os.path.join(ROOT, "constraints.txt"))
+    run(*pip, shutil.copytree(os.path.join(ROOT, "kernels"), tmp_path / "kernels", ignore=IGNORE))
     assert run("-c", KERNEL_USE).split()[-1] == "ok"
 
-    run("-m", "pip", "install", "-q", _copy_project(tmp_path / "project"))
+    run(*pip, _copy_project(tmp_path / "project"))
     run("-c", "import importlib.util, fastcifar, sys; assert importlib.util.find_spec('ffcv') is None; "
               "assert fastcifar.__file__.startswith(sys.prefix), fastcifar.__file__")
     out = str(tmp_path / "run")
