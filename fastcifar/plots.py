@@ -4,24 +4,20 @@ import numpy as np
 from .io import save_figure
 
 
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+def _figure(**kw):
+    # a bare Figure, not pyplot: no global backend is switched (a notebook keeps its inline plots), nothing to close
+    from matplotlib.figure import Figure
+    return Figure(**kw)
 
 
 def _save(fig, path):
-    try:
-        save_figure(fig, path, dpi=110, bbox_inches="tight")
-    finally:
-        _plt().close(fig)
+    save_figure(fig, path, dpi=110, bbox_inches="tight")
 
 
 def plot_curves(history, path, target=None, title=""):
-    plt = _plt()
     ep = [h["epoch"] for h in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = _figure(figsize=(10, 4))
+    a, b = fig.subplots(1, 2)
     a.plot(ep, [h["train_loss"] for h in history], "o-", label="train (label-smoothed)")
     a.plot(ep, [h["test_loss"] for h in history], "o-", label="test")
     a.set(xlabel="epoch", ylabel="loss", title="loss")
@@ -39,14 +35,14 @@ def plot_curves(history, path, target=None, title=""):
 
 def plot_misclassified(images, labels, preds, classes, path, n=20):
     """images: uint8 (N, 32, 32, 3); shows the first n test images the model got wrong."""
-    plt = _plt()
     wrong_all = np.flatnonzero(labels != preds)
     # a few from every true class rather than the first n, which would all be airplanes
     by_class = [wrong_all[labels[wrong_all] == c] for c in range(len(classes))]
     wrong = [w[i] for i in range(n) for w in by_class if i < len(w)][:n]
     cols = 5
     rows = max(1, -(-len(wrong) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2.3 * rows), squeeze=False)
+    fig = _figure(figsize=(2 * cols, 2.3 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, wrong):
