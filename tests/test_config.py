@@ -1,6 +1,5 @@
 """TrainConfig: one typed config, built in layers, validated alike for the CLI, the API, files and resumed runs;
 and every preset recipe, for every device type, backed by a measured record."""
-import glob
 import json
 import os
 import statistics
@@ -9,12 +8,10 @@ import sys
 
 import pytest
 
-from fastcifar.config import DEVICE_TYPES, PRESETS, RECIPE, RECORDS, RESUMED, TrainConfig, load_config_file, preset_value
+from benchmarks.recipes import matching_runs
+from fastcifar.config import DEVICE_TYPES, PRESETS, RECIPE, RESUMED, TrainConfig, load_config_file, preset_value
 from fastcifar.device import ConfigError
 from fastcifar.models import NORMS
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def test_layers_and_where_each_value_came_from():
     c = TrainConfig.resolve(norm="gn", device_type="cpu")
@@ -77,20 +74,6 @@ def test_a_config_file_is_refused_in_one_line(tmp_path):
 
 # ---------------------------------------------------------------- every recipe has a measured record
 
-def record_runs(path):
-    """The runs of a sweep's results.json, or of a folder of per-run metrics files."""
-    full = os.path.join(ROOT, path)
-    if full.endswith(".json"):
-        return json.load(open(full))["runs"]
-    runs = []
-    for f in sorted(glob.glob(os.path.join(full, "*.json"))):
-        m = json.load(open(f))
-        if "final_test_acc" in m and m.get("epochs_run") == m.get("epochs_planned"):
-            # a screening run built its model from a layout spec and recorded the preset's default arch
-            runs.append({k: v for k, v in m.items() if not ("screen_layout" in m and k == "arch")})
-    return runs
-
-
 @pytest.mark.parametrize("device", DEVICE_TYPES)
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 @pytest.mark.parametrize("norm", NORMS)
@@ -98,9 +81,7 @@ def test_every_preset_recipe_on_every_device_has_a_measured_record(preset, norm,
     """A recipe belongs to the recipe, not the device: whatever a preset gives a device type must have been
     measured, to the project's bar (fast: 20 seeds, >= 19 reach the target, mean >= 71.5%; best: 3 seeds)."""
     c = TrainConfig.resolve(norm=norm, preset=preset, device_type=device)
-    runs = [r for r in record_runs(RECORDS[preset][norm]) if r["norm"] == norm and r["preset"] == preset
-            and (r["batch_size"], r["lr"], r["epochs_planned"]) == (c.batch_size, c.lr, c.epochs)
-            and r.get("arch", c.arch) == c.arch]
+    runs = matching_runs(c)
     accs = [r["final_test_acc"] for r in runs]
     if preset == "fast":
         assert len(runs) >= 20, f"{preset}/{norm} on {device}: {len(runs)} measured runs of this recipe"
@@ -154,3 +135,15 @@ def test_training_from_a_config_file_uses_its_recipe(tmp_path, small_source):
     api = fit(cfg, out=str(tmp_path / "api"))
     assert api.metrics["config"] == {**m["config"], "out": str(tmp_path / "api")}
     assert [h["train_loss"] for h in api.metrics["history"]] == [h["train_loss"] for h in m["history"]]
+
+
+def test_the_recipes_table_shows_every_recipe_with_its_record_and_steps(tmp_path, capsys):
+    from benchmarks import recipes
+    recipes.main(["--json", str(tmp_path / "r.json")])
+    rows = json.load(open(tmp_path / "r.json"))
+    assert len(rows) == len(PRESETS) * 3 * len(DEVICE_TYPES) and all(r["runs"] > 0 for r in rows)
+    for r in rows:
+        cfg = TrainConfig.resolve(norm=r["norm"], preset=r["preset"], device_type=r["device"])
+        assert r["steps_per_epoch"] == recipes.TRAIN_IMAGES // cfg.batch_size
+        assert (r["median_steps_to_target"] is not None) == cfg.stop_at_target
+    assert "| fast | bn | cuda |" in capsys.readouterr().out
