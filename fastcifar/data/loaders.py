@@ -10,9 +10,8 @@ import numpy as np
 import torch
 
 from ..device import ConfigError, default_workers
-from . import beton as _beton
 from .arrays import SUFFIX as ARRAY_SUFFIX, read_arrays
-from .beton import read_beton
+from .beton import read_beton, validate_beton
 from .prepare import FFCV_INSTALL, ffcv_problem
 
 # per-channel statistics of the CIFAR-10 training set, 0..255 scale
@@ -123,9 +122,7 @@ class FFCVLoader:
             raise ConfigError(f"--loader ffcv needs ffcv, and {problem}: {FFCV_INSTALL}, or use --loader resident")
         if str(beton).endswith(ARRAY_SUFFIX):
             raise ConfigError(f"--loader ffcv streams betons, and {beton} is an array file: use --loader resident")
-        validate = getattr(_beton, "validate_beton", None)  # the beton's own integrity check, where there is one
-        if validate is not None:
-            validate(beton)
+        self.size = validate_beton(beton)  # before ffcv's Loader, which trusts every size and pointer in the file
         from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
@@ -140,7 +137,7 @@ class FFCVLoader:
             order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL, seed=seed,
             drop_last=train if drop_last is None else drop_last,
             # uint64 like ffcv's own default: int64 indices meet uint64 inside ffcv and become float64
-            indices=subset_indices(_beton_len(beton), limit).astype(np.uint64) if limit else None,
+            indices=subset_indices(self.size, limit).astype(np.uint64) if limit else None,
             pipelines={
                 "image": [SimpleRGBImageDecoder(), ToTensor(), ToDevice(device, non_blocking),
                           ToTorchImage(channels_last=True)],
@@ -160,7 +157,7 @@ class FFCVLoader:
 
     def sample(self, n):
         """A fixed spread of n normalized, unaugmented images (e.g. to fit the whitening stem)."""
-        images, _ = read_beton(self.beton, indices=subset_indices(_beton_len(self.beton), n))
+        images, _ = read_beton(self.beton, indices=subset_indices(self.size, n))
         return normalize(torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2))
 
     def __iter__(self):
@@ -168,11 +165,6 @@ class FFCVLoader:
             if self.aug:
                 x = augment(x, self.generator, **self.aug)
             yield normalize(x), y.long()
-
-
-def _beton_len(path):
-    from ffcv.reader import Reader
-    return int(Reader(path).num_samples)  # a numpy uint64, which would make subset_indices' indices float64
 
 
 LOADERS = {"resident": ResidentLoader, "ffcv": FFCVLoader}
