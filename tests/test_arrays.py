@@ -279,3 +279,6 @@ def test_betons_and_arrays_hold_the_same_pixels_and_give_the_same_batches(tmp_pa
             assert len(batches) == len(lb) > 1
             assert all(torch.equal(xb, xa) and torch.equal(yb, ya) for (xb, yb), (xa, ya) in batches)
         assert torch.equal(lb.sample(9), la.sample(9))
+    with pytest.raises(ConfigError) as e:  # ffcv's Loader streams betons only
+        FFCVLoader(a.paths["train"], 8, "cpu", train=True)
+    _one_line(e, "is an array file", "--loader resident")
