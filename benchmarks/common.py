@@ -111,7 +111,8 @@ def report_header(title, env, *lines, machine_note="", threads=None):
     `lines` (each a "Name: value" item)."""
     dirty = " (with uncommitted changes)" if env.get("git_dirty") else ""
     return [f"# {title}", "", f"- Command: `{env['command']}`", f"- Date: {env['date']}",
-            f"- Machine: {machine_line(env, threads)}{machine_note}", f"- Code: git {env.get('git_commit') or 'unknown'}{dirty}",
+            f"- Machine: {machine_line(env, threads)}{machine_note}",
+            f"- Code: git {env.get('git_commit') or 'unknown'}{dirty}",
             f"- Versions: {versions_line(env)}", *(f"- {line}" for line in lines)]
 
 

@@ -174,7 +174,8 @@ def time_config(fk, shape, dtype_name, fmt_name, modes, impls, device, timers, l
     bias = (0.05 * torch.randn(c, device=device)).to(dtype)
     if not fk.fused_available(xs[0]):  # group_norm_relu would quietly time the torch path as "fused"
         raise RuntimeError(f"the fused kernel does not run for {device} {dtype_name} {fmt_name} here")
-    fns = {"eager": lambda x, w, b: eager_pair(x, g, w, b), "fused": lambda x, w, b: fk.group_norm_relu(x, g, w, b, EPS)}
+    fns = {"eager": lambda x, w, b: eager_pair(x, g, w, b),
+           "fused": lambda x, w, b: fk.group_norm_relu(x, g, w, b, EPS)}
     if "compile" in impls:
         torch._dynamo.reset()  # a fresh compile per configuration: no recompile limit to run into
         fns["compile"] = torch.compile(fns["eager"], dynamic=False, backend=compile_backend)
@@ -183,7 +184,8 @@ def time_config(fk, shape, dtype_name, fmt_name, modes, impls, device, timers, l
         leaves = [t.detach().requires_grad_() for t in inputs]
         y = fn(*leaves)
         return [y, *torch.autograd.grad(y, leaves, dys[0].to(y.dtype))]
-    ref, got = grads(fns["eager"], xs[0].float(), weight.float(), bias.float()), grads(fns["fused"], xs[0], weight, bias)
+    ref = grads(fns["eager"], xs[0].float(), weight.float(), bias.float())
+    got = grads(fns["fused"], xs[0], weight, bias)
     errs = dict(zip(("y", "dx", "dw", "db"), (rel_err(a, b) for a, b in zip(got, ref))))
     keeps = got[0].is_contiguous(memory_format=fmt)
     check = {"rel_err": errs, "tol": KERNEL_TOL[dtype_name], "keeps_format": keeps,
@@ -320,7 +322,8 @@ def time_configs(fk, shapes, batches, formats, dtypes, modes, impls, device, tim
                         records.append(dict(key, rows=rows, check=check))
                     except Exception as e:  # noqa: BLE001  one configuration that breaks must not hide the others
                         traceback.print_exc()
-                        records.append(dict(key, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+                        first = str(e).splitlines()[0] if str(e) else ""
+                        records.append(dict(key, error=f"{type(e).__name__}: {first}"))
                     if torch.device(device).type == "cuda":
                         torch.cuda.empty_cache()  # this configuration's inputs are gone; keep peak memory low
                     if on_config:
@@ -330,7 +333,8 @@ def time_configs(fk, shapes, batches, formats, dtypes, modes, impls, device, tim
 
 def failures(records):
     """One line per configuration that raised or whose fused result disagreed with fp32 eager."""
-    name = lambda r: f"{r['models']} {r['N']}x{r['C']}x{r['H']}x{r['W']} G={r['G']} {r['format']} {r['dtype']}"  # noqa: E731
+    def name(r):
+        return f"{r['models']} {r['N']}x{r['C']}x{r['H']}x{r['W']} G={r['G']} {r['format']} {r['dtype']}"
     return [f"{name(r)}: {r['error']}" for r in records if "error" in r] + \
         [f"{name(r)}: max relative error {max(r['check']['rel_err'].values()):.2e} against fp32 eager (tolerance "
          f"{r['check']['tol']:g})" + ("" if r["check"]["keeps_format"] else ", output in another memory format")

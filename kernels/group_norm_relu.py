@@ -52,6 +52,20 @@ def _interpret_asked():
 if triton is not None:
 
     @triton.jit
+    def _program(G, cpg, CPS):
+        """(pid, s, n, c0, c_lo, c_hi): this program's (sample, group) and chunk, the group's first channel, and
+        the chunk's channels [c_lo, c_hi) within the group."""
+        pid = tl.program_id(0)
+        s = tl.program_id(1)
+        c_lo = s * CPS
+        return pid, s, pid // G, (pid % G) * cpg, c_lo, tl.minimum(c_lo + CPS, cpg)
+
+    @triton.jit
+    def _base(ptr, n, c0, s_n, s_c):
+        # int64 offsets: N*C*H*W may exceed 2**31 even when one sample does not
+        return ptr + n.to(tl.int64) * s_n + c0.to(tl.int64) * s_c
+
+    @triton.jit
     def _hw_offsets(hw, width, s_h, s_w, FLAT_HW: tl.constexpr):
         # NCHW and channels_last both step H*W with one stride; only odd layouts pay for div/mod
         if FLAT_HW:
@@ -167,15 +181,9 @@ if triton is not None:
         PHASE: tl.constexpr,  # 0: whole group; split: 1 chunk statistics, 2 merge and write y
         BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, ONE_TILE: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        s = tl.program_id(1)
-        n = pid // G
-        c0 = (pid % G) * cpg
-        c_lo = s * CPS
-        c_hi = tl.minimum(c_lo + CPS, cpg)
-        # int64 base offsets: N*C*H*W may exceed 2**31 even when one sample does not
-        x_base = X + n.to(tl.int64) * sx_n + c0.to(tl.int64) * sx_c
-        y_base = Y + n.to(tl.int64) * sy_n + c0.to(tl.int64) * sy_c
+        pid, s, n, c0, c_lo, c_hi = _program(G, cpg, CPS)
+        x_base = _base(X, n, c0, sx_n, sx_c)
+        y_base = _base(Y, n, c0, sy_n, sy_c)
         cs = tl.arange(0, BLOCK_C)[:, None]
         hws = tl.arange(0, BLOCK_HW)[None, :]
         count = cpg * HW * 1.0  # cpg or HW may arrive as constexpr 1, so no .to()
@@ -197,29 +205,21 @@ if triton is not None:
             mask = cmask & (hws < HW)
             x = _load_tile(x_base, c_lo + cs, hws, mask, width, sx_c, sx_h, sx_w, FLAT_HW)
             if PHASE != 2:
-                n_b = ((c_hi - c_lo) * HW).to(tl.float32)
-                mean_b, m2_b = _tile_stats(x, mask, n_b)
-                if PHASE == 1:
-                    tl.store(PMEAN + pid * S + s, mean_b)
-                    tl.store(PM2 + pid * S + s, m2_b)
-                else:
-                    mean = mean_b
-                    rstd = 1.0 / tl.sqrt(m2_b / count + eps)
-            if PHASE != 1:
+                mean_c, m2_c = _tile_stats(x, mask, ((c_hi - c_lo) * HW).to(tl.float32))
+        elif PHASE != 2:
+            _, mean_c, m2_c = _chunk_stats(x_base, c_lo, c_hi, HW, width, sx_c, sx_h, sx_w, FLAT_HW, BLOCK_C, BLOCK_HW)
+        if PHASE == 1:  # this chunk's statistics, for the second launch to merge
+            tl.store(PMEAN + pid * S + s, mean_c)
+            tl.store(PM2 + pid * S + s, m2_c)
+        if PHASE == 0:
+            mean = mean_c
+            rstd = 1.0 / tl.sqrt(m2_c / count + eps)
+        if PHASE != 1:
+            if ONE_TILE:
                 w, b = _affine(W, B, c0 + c_lo + cs, cmask, HAS_W, HAS_B)
                 y = tl.maximum((x - mean) * rstd * w + b, 0.0)
                 _store_tile(y_base, c_lo + cs, hws, mask, width, sy_c, sy_h, sy_w, y, FLAT_HW)
-        else:
-            if PHASE != 2:
-                n_a, mean_a, m2_a = _chunk_stats(x_base, c_lo, c_hi, HW, width, sx_c, sx_h, sx_w,
-                                                 FLAT_HW, BLOCK_C, BLOCK_HW)
-                if PHASE == 1:
-                    tl.store(PMEAN + pid * S + s, mean_a)
-                    tl.store(PM2 + pid * S + s, m2_a)
-                else:
-                    mean = mean_a
-                    rstd = 1.0 / tl.sqrt(m2_a / count + eps)
-            if PHASE != 1:
+            else:
                 for c_start in range(c_lo, c_hi, BLOCK_C):
                     cmask = (c_start + cs) < c_hi
                     w, b = _affine(W, B, c0 + c_start + cs, cmask, HAS_W, HAS_B)
@@ -245,15 +245,10 @@ if triton is not None:
         PHASE: tl.constexpr,  # 0: whole group; split: 1 chunk sums (and dw, db), 2 merge and write dx
         BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, ONE_TILE: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        s = tl.program_id(1)
-        n = pid // G
-        c0 = (pid % G) * cpg
-        c_lo = s * CPS
-        c_hi = tl.minimum(c_lo + CPS, cpg)
-        x_base = X + n.to(tl.int64) * sx_n + c0.to(tl.int64) * sx_c
-        dy_base = DY + n.to(tl.int64) * sd_n + c0.to(tl.int64) * sd_c
-        dx_base = DX + n.to(tl.int64) * sg_n + c0.to(tl.int64) * sg_c
+        pid, s, n, c0, c_lo, c_hi = _program(G, cpg, CPS)
+        x_base = _base(X, n, c0, sx_n, sx_c)
+        dy_base = _base(DY, n, c0, sd_n, sd_c)
+        dx_base = _base(DX, n, c0, sg_n, sg_c)
         part = n.to(tl.int64) * C + c0  # row of the [N, C] dw/db partials
         cs = tl.arange(0, BLOCK_C)[:, None]
         hws = tl.arange(0, BLOCK_HW)[None, :]

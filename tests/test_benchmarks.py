@@ -16,7 +16,7 @@ from benchmarks import baseline as B
 from benchmarks import loader as L
 from benchmarks import ray_executor as RX
 from benchmarks import throughput as TP
-from benchmarks import time_to_accuracy as TTA
+from benchmarks import time_to_accuracy as TA
 from benchmarks.common import parse_markdown_table
 from fastcifar import TrainConfig
 from fastcifar.data import prepare_betons
@@ -31,9 +31,9 @@ def betons(small_source, tmp_path_factory):
     return folder
 
 
-def tta(betons, out, *extra):
+def harness(betons, out, *extra):
     # 1 epoch, fp32, no warm-up job: the smallest real run
-    return TTA.main(["--data", betons, "--out", str(out), "--seeds", "1", "--epochs", "1", "--no-amp",
+    return TA.main(["--data", betons, "--out", str(out), "--seeds", "1", "--epochs", "1", "--no-amp",
                      "--no-warmup", *extra])
 
 
@@ -54,9 +54,9 @@ def num(cell):
 # ---------------------------------------------------------------- time to accuracy
 
 def test_harness_end_to_end(betons, tmp_path):
-    out = tmp_path / "tta"
+    out = tmp_path / "accuracy"
     # 1% on 100 test images means one right answer: reached by any model that predicts a class
-    assert tta(betons, out, "--norm", "bn", "gn", "--target", "0.01") == 0
+    assert harness(betons, out, "--norm", "bn", "gn", "--target", "0.01") == 0
     res = load(out)
 
     env = res["environment"]
@@ -97,22 +97,22 @@ def test_harness_end_to_end(betons, tmp_path):
     md = (out / "results.md").read_text()
     assert env["command"] in md and env["date"] in md and res["dataset"]["source"] in md
 
-    png = (out / "time_to_accuracy.png").read_bytes()
+    png = (out / "TA.png").read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 5000
 
 
 def test_failed_and_unreached_runs_report_failures_not_times(betons, tmp_path, monkeypatch):
-    real = TTA.fit
+    real = TA.fit
 
     def flaky(cfg):
         if cfg.norm == "gn":
             raise RuntimeError("simulated crash")
         return real(cfg)
 
-    monkeypatch.setattr(TTA, "fit", flaky)
-    out = tmp_path / "tta"
+    monkeypatch.setattr(TA, "fit", flaky)
+    out = tmp_path / "accuracy"
     # 100% on random pixels is out of reach: bn trains but never gets there
-    assert tta(betons, out, "--norm", "bn", "gn", "--target", "1.0") == 1  # a crash makes the exit status 1
+    assert harness(betons, out, "--norm", "bn", "gn", "--target", "1.0") == 1  # a crash makes the exit status 1
     res = load(out)
     assert res["status"] == "failed" and res["state"] == "complete"
 
@@ -146,17 +146,18 @@ def fake_fit(times):
         hist = [{"epoch": 1, "steps": 40, "train_loss": 2.0, "train_acc": 0.3, "test_loss": 2.0,
                  "test_acc": 0.5 if t else 0.2, "train_time_s": t or 9.0, "eval_time_s": 0.1}]
         return SimpleNamespace(out=cfg.out, metrics={
-            "norm": cfg.norm, "params": 1234, "history": hist, "time_to_target_s": t, "epochs_to_target": 1 if t else None,
+            "norm": cfg.norm, "params": 1234, "history": hist, "time_to_target_s": t,
+            "epochs_to_target": 1 if t else None,
             "steps_to_target": 40 * cfg.seed + 40 if t else None, "final_test_acc": hist[-1]["test_acc"],
             "best_test_acc": hist[-1]["test_acc"], "compile_time_s": 0.5, "eval_time_s": 0.1, "epochs_run": 1})
     return fit
 
 
 def test_medians_are_over_the_seeds_that_reached_the_target(betons, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(TTA, "fit", fake_fit({0: 3.0, 1: FloatingPointError("non-finite loss"), 2: 5.0, 3: 10.0,
+    monkeypatch.setattr(TA, "fit", fake_fit({0: 3.0, 1: FloatingPointError("non-finite loss"), 2: 5.0, 3: 10.0,
                                               4: None}))
-    out = tmp_path / "tta"
-    assert TTA.main(["--data", betons, "--out", str(out), "--norm", "ln", "--seeds", "5", "--target", "0.4",
+    out = tmp_path / "accuracy"
+    assert TA.main(["--data", betons, "--out", str(out), "--norm", "ln", "--seeds", "5", "--target", "0.4",
                      "--no-warmup"]) == 1
     s = load(out)["norms"]["ln"]
     assert s["time_to_target_s"] == {"median": 5.0, "min": 3.0, "max": 10.0}
@@ -178,11 +179,11 @@ def test_speedup_and_its_lower_bound():
     norm = {"time_to_target_s": {"median": 2.0}}
     reached = {"status": "reached", "time_to_target_s": 10.0, "train_time_s": 12.0}
     unreached = {"status": "not_reached", "time_to_target_s": None, "train_time_s": 30.0}
-    assert TTA.speedup(reached, norm) == {"ratio": 5.0, "lower_bound": False}
-    assert TTA.speedup(unreached, norm) == {"ratio": 15.0, "lower_bound": True}
-    assert TTA.fmt_speedup(TTA.speedup(unreached, norm)) == ">= 15.00x"
-    assert TTA.speedup({"status": "failed"}, norm) is None
-    assert TTA.speedup(reached, {"time_to_target_s": {"median": None}}) is None
+    assert TA.speedup(reached, norm) == {"ratio": 5.0, "lower_bound": False}
+    assert TA.speedup(unreached, norm) == {"ratio": 15.0, "lower_bound": True}
+    assert TA.fmt_speedup(TA.speedup(unreached, norm)) == ">= 15.00x"
+    assert TA.speedup({"status": "failed"}, norm) is None
+    assert TA.speedup(reached, {"time_to_target_s": {"median": None}}) is None
 
 
 @pytest.mark.parametrize("bad, message", [(["--set", "no_such=1"], "unknown setting no_such"),
@@ -190,15 +191,15 @@ def test_speedup_and_its_lower_bound():
                                          (["--grid", "tta=off,sideways"], "--tta must be one of")])
 def test_bad_training_settings_stop_before_any_run(betons, tmp_path, capsys, bad, message):
     with pytest.raises(SystemExit) as e:
-        tta(betons, tmp_path / "tta", "--norm", "bn", *bad)
+        harness(betons, tmp_path / "accuracy", "--norm", "bn", *bad)
     assert str(e.value.code).startswith("error: ") and message in str(e.value.code)  # TrainConfig refused it
-    assert not (tmp_path / "tta" / "runs").exists()
+    assert not (tmp_path / "accuracy" / "runs").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
 def test_device_cuda_without_cuda_is_a_one_line_error(betons, tmp_path):
     with pytest.raises(SystemExit) as e:
-        tta(betons, tmp_path / "tta", "--device", "cuda")
+        harness(betons, tmp_path / "accuracy", "--device", "cuda")
     assert e.value.code == "error: --device cuda: no CUDA device is available"
 
 
@@ -219,8 +220,8 @@ def test_baseline_model_has_46024_parameters_in_the_reference_layout():
 
 
 def test_baseline_runs_beside_the_norms_and_gives_a_speedup(betons, tmp_path):
-    out = tmp_path / "tta"
-    assert tta(betons, out, "--norm", "bn", "--target", "0.01", "--baseline", "--baseline-epochs", "1") == 0
+    out = tmp_path / "accuracy"
+    assert harness(betons, out, "--norm", "bn", "--target", "0.01", "--baseline", "--baseline-epochs", "1") == 0
     res = load(out)
     b = res["baseline"]
     assert b["status"] == "reached" and b["params"] == 46_024 and b["epochs_run"] == 1
@@ -236,9 +237,9 @@ def test_baseline_runs_beside_the_norms_and_gives_a_speedup(betons, tmp_path):
 
 
 def test_baseline_that_misses_the_target_makes_speedups_lower_bounds(betons, tmp_path, monkeypatch):
-    monkeypatch.setattr(TTA, "fit", fake_fit({0: 0.5}))
-    out = tmp_path / "tta"
-    assert tta(betons, out, "--norm", "bn", "--target", "0.99", "--baseline", "--baseline-epochs", "1") == 0
+    monkeypatch.setattr(TA, "fit", fake_fit({0: 0.5}))
+    out = tmp_path / "accuracy"
+    assert harness(betons, out, "--norm", "bn", "--target", "0.99", "--baseline", "--baseline-epochs", "1") == 0
     res = load(out)
     b, sp = res["baseline"], res["norms"]["bn"]["speedup_vs_baseline"]
     assert b["status"] == "not_reached" and b["time_to_target_s"] is None
@@ -285,9 +286,9 @@ def test_suite_records_a_missing_part_and_passes_flags_through(tmp_path, monkeyp
 
     args = suite.parse_args(["--out", "R", "--data", "D", "--device", "cpu", "--norm", "bn", "ln", "--seeds", "2",
                              "--no-baseline", "--limit", "300"])
-    tta_argv = suite.part_argv(args, "time_to_accuracy")
-    assert TTA.parse_args(tta_argv).norm == ["bn", "ln"]
-    a = TTA.parse_args(tta_argv)
+    harness_argv = suite.part_argv(args, "time_to_accuracy")
+    assert TA.parse_args(harness_argv).norm == ["bn", "ln"]
+    a = TA.parse_args(harness_argv)
     assert (a.out, a.data, a.device, a.seeds, a.baseline, a.limit) == (os.path.join("R", "time_to_accuracy"), "D",
                                                                         "cpu", 2, False, 300)
     la = L.parse_args(suite.part_argv(args, "loader") + ["--batch-size", "100"])
@@ -299,11 +300,11 @@ def test_suite_records_a_missing_part_and_passes_flags_through(tmp_path, monkeyp
 
 def test_results_md_is_rendered_from_the_json(betons, tmp_path, monkeypatch):
     """Re-rendering the saved JSON gives the saved Markdown: the table has no numbers of its own."""
-    monkeypatch.setattr(TTA, "fit", fake_fit({0: 1.25, 1: 2.5}))
-    out = tmp_path / "tta"
-    assert TTA.main(["--data", betons, "--out", str(out), "--norm", "bn", "--seeds", "2", "--no-warmup"]) == 0
+    monkeypatch.setattr(TA, "fit", fake_fit({0: 1.25, 1: 2.5}))
+    out = tmp_path / "accuracy"
+    assert TA.main(["--data", betons, "--out", str(out), "--norm", "bn", "--seeds", "2", "--no-warmup"]) == 0
     res = load(out)
-    assert TTA.render_markdown(copy.deepcopy(res)) == (out / "results.md").read_text()
+    assert TA.render_markdown(copy.deepcopy(res)) == (out / "results.md").read_text()
     row = table(out)["bn"]
     assert num(row["time to target, median (s)"]) == 1.88 and row["min (s)"] == "1.25" and row["max (s)"] == "2.50"
 
@@ -350,9 +351,9 @@ def test_grid_expands_into_runs_with_its_training_flags(betons, tmp_path, monkey
         seen.append((cfg.norm, cfg.seed, cfg.lr, cfg.label_smoothing))
         return fake(cfg)
 
-    monkeypatch.setattr(TTA, "fit", fit)
-    out = tmp_path / "tta"
-    assert TTA.main(["--data", betons, "--out", str(out), "--norm", "bn", "gn", "--seeds", "2", "--no-warmup",
+    monkeypatch.setattr(TA, "fit", fit)
+    out = tmp_path / "accuracy"
+    assert TA.main(["--data", betons, "--out", str(out), "--norm", "bn", "gn", "--seeds", "2", "--no-warmup",
                      "--target", "0.4", "--grid", "lr=0.1,0.3", "label-smoothing=0"]) == 0
     # interleaved: seed 0 of every grid point and norm before seed 1
     assert seen == [(n, s, lr, 0.0) for s in (0, 1) for lr in (0.1, 0.3) for n in ("bn", "gn")]
@@ -377,29 +378,30 @@ def test_grid_expands_into_runs_with_its_training_flags(betons, tmp_path, monkey
     (["--accuracy-only", "--baseline"], "need times")])
 def test_bad_sweep_flags_get_one_line_errors(bad, message, capsys):
     with pytest.raises(SystemExit):
-        TTA.parse_args(bad)
+        TA.parse_args(bad)
     assert message in capsys.readouterr().err
 
 
 def test_fractional_gpus_are_allowed_only_without_times():
-    a = TTA.parse_args(["--executor", "ray", "--gpus-per-run", "0.25", "--cpus-per-run", "2", "--accuracy-only"])
+    a = TA.parse_args(["--executor", "ray", "--gpus-per-run", "0.25", "--cpus-per-run", "2", "--accuracy-only"])
     assert (a.gpus_per_run, a.cpus_per_run, a.accuracy_only) == (0.25, 2, True)
-    assert TTA.parse_args(["--executor", "ray", "--gpus-per-run", "2"]).gpus_per_run == 2
-    assert TTA.ray_resources(a, torch.device("cuda")) == (2, 0.25)
-    assert TTA.ray_resources(TTA.parse_args(["--executor", "ray"]), torch.device("cuda")) == (1, 1.0)
-    assert TTA.ray_resources(TTA.parse_args(["--executor", "ray"]), torch.device("cpu")) == (1, 0.0)
+    assert TA.parse_args(["--executor", "ray", "--gpus-per-run", "2"]).gpus_per_run == 2
+    assert TA.ray_resources(a, torch.device("cuda")) == (2, 0.25)
+    assert TA.ray_resources(TA.parse_args(["--executor", "ray"]), torch.device("cuda")) == (1, 1.0)
+    assert TA.ray_resources(TA.parse_args(["--executor", "ray"]), torch.device("cpu")) == (1, 0.0)
     with pytest.raises(SystemExit, match="hides every GPU"):
-        TTA.ray_resources(TTA.parse_args(["--executor", "ray", "--gpus-per-run", "0"]), torch.device("cuda"))
+        TA.ray_resources(TA.parse_args(["--executor", "ray", "--gpus-per-run", "0"]), torch.device("cuda"))
     # packed runs get the CPUs they asked for as torch threads; timed runs keep the trainer's default (all cores)
     dev = torch.device("cpu")
-    assert TTA.run_settings(a, "bn", 0, "D", "O", dev)["threads"] == 2
-    assert "threads" not in TTA.run_settings(TTA.parse_args(["--executor", "ray", "--cpus-per-run", "2"]), "bn", 0,
+    assert TA.run_settings(a, "bn", 0, "D", "O", dev)["threads"] == 2
+    assert "threads" not in TA.run_settings(TA.parse_args(["--executor", "ray", "--cpus-per-run", "2"]), "bn", 0,
                                              "D", "O", dev)
 
 
 def test_compile_is_set_only_when_chosen():
     dev = torch.device("cpu")
-    cfg = lambda *flags: TrainConfig.resolve(**TTA.run_settings(TTA.parse_args(list(flags)), "bn", 0, "D", "O", dev))  # noqa: E731
+    def cfg(*flags):
+        return TrainConfig.resolve(**TA.run_settings(TA.parse_args(list(flags)), "bn", 0, "D", "O", dev))
     assert cfg().compile == "auto" and cfg().sources["compile"] == "default"  # the trainer's own default decides
     assert cfg("--compile").compile == "on" and cfg("--no-compile").compile == "off"
     assert (cfg("--set", "cutout=8", "arch=deep").cutout, cfg("--set", "arch=deep").arch) == (8, "deep")
@@ -409,9 +411,9 @@ def test_timed_runs_below_normal_priority_are_flagged():
     st = {"executor": "ray", "accuracy_only": False, "ray": {"address": "HEAD:6379", "gpus_per_run": 1,
                                                              "cpus_per_run": 4}}
     runs = [{"where": {"niceness": 15}}, {"where": {"niceness": 15}}]
-    assert "runs at nice 15 (**below normal priority**" in TTA.executor_line(st, runs)
-    assert TTA.executor_line(st, [{"where": {"niceness": 0}}]).endswith("one run per machine at a time, runs at nice 0")
-    assert "below normal" not in TTA.executor_line(dict(st, accuracy_only=True), runs)
+    assert "runs at nice 15 (**below normal priority**" in TA.executor_line(st, runs)
+    assert TA.executor_line(st, [{"where": {"niceness": 0}}]).endswith("one run per machine at a time, runs at nice 0")
+    assert "below normal" not in TA.executor_line(dict(st, accuracy_only=True), runs)
 
 
 def test_one_timed_run_per_machine():
@@ -436,8 +438,8 @@ def ray_session():
 
 @pytest.mark.slow
 def test_ray_sweep_runs_every_job_in_ray_workers(ray_session, betons, tmp_path):
-    out = tmp_path / "tta"
-    assert TTA.main(["--data", betons, "--out", str(out), "--executor", "ray", "--accuracy-only", "--norm", "bn", "gn",
+    out = tmp_path / "accuracy"
+    assert TA.main(["--data", betons, "--out", str(out), "--executor", "ray", "--accuracy-only", "--norm", "bn", "gn",
                      "--seeds", "2", "--epochs", "1", "--limit", "100", "--no-amp", "--no-warmup",
                      "--target", "0.01", "--set", "batch_size=50"]) == 0
     res = load(out)
@@ -458,7 +460,7 @@ def test_ray_sweep_runs_every_job_in_ray_workers(ray_session, betons, tmp_path):
     assert "## Where each run ran" in md and "runs at nice 0" in md
     assert all(r["where"]["niceness"] == 0 and r["torch_threads"] == 1 for r in res["runs"])
     assert f"{res['environment']['cpu_cores']} cores, 1 torch threads" in md  # the runs' threads, not the driver's
-    assert (out / "time_to_accuracy.png").read_bytes().startswith(PNG_MAGIC)
+    assert (out / "TA.png").read_bytes().startswith(PNG_MAGIC)
 
 
 @pytest.mark.slow

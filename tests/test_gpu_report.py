@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT, WE_SET_INTERPRET
 
 from benchmarks import kernels as K
-from benchmarks import time_to_accuracy as TTA
+from benchmarks import time_to_accuracy as TA
 from benchmarks.gpu_report import cli, kernels_part, processes, render, tests_part
 from benchmarks.gpu_report import time_to_target_part as TT
 from fastcifar import TrainConfig
@@ -203,13 +203,15 @@ def test_every_configuration_is_a_valid_train_config(name, tmp_path):
     args = cli.parse_args(["--out", str(tmp_path), "--set", "batch_size=512", "--epochs", "4"])
     cfg = TT.run_config(args, "gn", name, 1, "/betons", str(tmp_path / "c"), "cuda")
     assert (cfg.compile, cfg.fused_norm, cfg.cuda_graphs) == tuple(TT.CONFIGS[name].values())
-    assert (cfg.norm, cfg.seed, cfg.device, cfg.data, cfg.out) == ("gn", 1, "cuda", "/betons", str(tmp_path / "c" / "s1"))
-    assert (cfg.epochs, cfg.batch_size, cfg.amp, cfg.quiet, cfg.plots, cfg.target_acc) == (4, 512, True, True, False, 0.7)
+    assert (cfg.norm, cfg.seed, cfg.device, cfg.data) == ("gn", 1, "cuda", "/betons")
+    assert cfg.out == str(tmp_path / "c" / "s1")
+    assert (cfg.epochs, cfg.batch_size, cfg.amp, cfg.quiet, cfg.plots, cfg.target_acc) == (4, 512, True, True, False,
+                                                                                             0.7)
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # what the child process gets
     # the untimed warm-up: same norm and kernel, no compile, no graphs, one epoch on a small subset
-    w = TTA.warmup_config(cfg, str(tmp_path / "w"))
+    w = TA.warmup_config(cfg, str(tmp_path / "w"))
     assert (w.compile, w.cuda_graphs, w.fused_norm, w.epochs, w.limit) == ("off", False, cfg.fused_norm, 1,
-                                                                            TTA.WARMUP_IMAGES)
+                                                                            TA.WARMUP_IMAGES)
     assert (w.norm, w.batch_size, w.out) == ("gn", 512, str(tmp_path / "w"))
 
 
@@ -278,7 +280,8 @@ def test_time_to_target_runs_every_seed_cold_and_records_each_configuration(tmp_
 
     ctx.report["parts"]["time_to_target"] = rec
     md = render.render_markdown(ctx.report)
-    assert "| gn | compile-fused | `compile=on fused_norm=on cuda_graphs=false` | 2 / 2 | 1.50 (1.00-2.00) | 782 |" in md
+    assert "| gn | compile-fused | `compile=on fused_norm=on cuda_graphs=false` | 2 / 2 | 1.50 (1.00-2.00) | 782 |" \
+        in md
     assert "| gn | fused |" in md and "1 / 2" in md
 
 
@@ -347,7 +350,8 @@ def test_a_failed_configuration_is_a_failed_row(tmp_path, monkeypatch):
     key = {"models": "gn", "N": 512, "C": 32, "H": 8, "W": 8, "G": 4, "format": "cl"}
     good = dict(key, dtype="fp32", check={"rel_err": {"y": 1e-7, "dx": 1e-7, "dw": 1e-7, "db": 1e-7}, "tol": 1e-4,
                                           "keeps_format": True, "ok": True},
-                rows=[{"impl": i, "mode": m, "us": 10.0} for i in ("eager", "compile", "fused") for m in ("fwd", "fwdbwd")])
+                rows=[{"impl": i, "mode": m, "us": 10.0} for i in ("eager", "compile", "fused")
+                      for m in ("fwd", "fwdbwd")])
     wrong = dict(key, dtype="fp16", rows=[], check=dict(good["check"], rel_err={"y": 0.5, "dx": 0, "dw": 0, "db": 0},
                                                         ok=False))
     raised = dict(key, dtype="bf16", error="RuntimeError: fused GroupNorm+ReLU kernel on cuda/bfloat16: mismatch")

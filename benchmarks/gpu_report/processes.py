@@ -12,7 +12,8 @@ import time
 
 from ..common import ROOT, atomic_write_json, read_json
 
-CHILDREN = {"kernels": "benchmarks.gpu_report.kernels_part", "time_to_target": "benchmarks.gpu_report.time_to_target_part"}
+CHILDREN = {"kernels": "benchmarks.gpu_report.kernels_part",
+            "time_to_target": "benchmarks.gpu_report.time_to_target_part"}
 
 
 def run_logged(cmd, log_path, timeout, env=None):
@@ -52,7 +53,8 @@ def crash_note(rc, log, timeout):
 def fresh_caches(folder):
     """Environment for a child whose compiles must be cold: inductor's and Triton's on-disk caches, empty, in
     folder (the in-memory ones start empty with the process)."""
-    return {"TORCHINDUCTOR_CACHE_DIR": os.path.join(folder, "inductor"), "TRITON_CACHE_DIR": os.path.join(folder, "triton")}
+    return {"TORCHINDUCTOR_CACHE_DIR": os.path.join(folder, "inductor"),
+            "TRITON_CACHE_DIR": os.path.join(folder, "triton")}
 
 
 def run_child(kind, spec, out, name, timeout, env=None):

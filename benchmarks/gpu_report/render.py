@@ -79,7 +79,8 @@ def render_markdown(report):
     note = " -- --cpu-smoke: every part ran on the CPU at a toy size" if report.get("smoke") else \
         "" if report["cuda"] else " -- **no CUDA device**: the GPU parts were skipped"
     lines = [*report_header("GPU report", env, *([gpu] if report["cuda"] else []),
-                            f"Dataset: {dataset_line(ds) if ds else 'not used (time_to_target did not run)'}", f"State: {report['state']}", machine_note=note), "",
+                            f"Dataset: {dataset_line(ds) if ds else 'not used (time_to_target did not run)'}",
+                            f"State: {report['state']}", machine_note=note), "",
              markdown_table(["part", "status", "what happened"],
                             [[n, p["status"], p.get("reason", "")] for n, p in report["parts"].items()])]
     for name, p in report["parts"].items():

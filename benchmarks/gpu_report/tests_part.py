@@ -54,7 +54,8 @@ def collect(args, ctx, files):
     rec = {"command": " ".join(cmd), "files": files, "log": log, "returncode": rc, "wall_s": secs, "tests": tests,
            "counts": {"collected": len(tests)}}
     if rc != 0 or not tests:
-        return dict(rec, status="failed", reason=f"collecting the CUDA tests: pytest {crash_note(rc, log, args.timeout)}")
+        return dict(rec, status="failed",
+                    reason=f"collecting the CUDA tests: pytest {crash_note(rc, log, args.timeout)}")
     return dict(rec, status="ok", reason=f"{len(tests)} CUDA tests collected, not run (--cpu-smoke)")
 
 

@@ -82,13 +82,15 @@ def run(args, ctx):
                 continue
             for seed, c in configs.items():
                 print(f"  {norm} {name} seed {seed} ...", flush=True)
-                spec = {"config": c.to_dict(), "warmup": warmup_config(c, os.path.join(out, f"warmup-s{seed}")).to_dict()}
+                warm = warmup_config(c, os.path.join(out, f"warmup-s{seed}"))
+                spec = {"config": c.to_dict(), "warmup": warm.to_dict()}
                 caches = os.path.join(ctx.out, "caches", f"{norm}-{name}-s{seed}")
                 res, rc, secs, log = run_child("time_to_target", spec, ctx.out, f"time_to_target-{norm}-{name}-s{seed}",
                                                args.timeout, fresh_caches(caches))
                 shutil.rmtree(caches, ignore_errors=True)
                 run_rec = (res or {}).get("run") or {"norm": norm, "seed": seed, "status": "failed",
-                                                     "error": crash_note(rc, log, args.timeout), "time_to_target_s": None}
+                                                     "error": crash_note(rc, log, args.timeout),
+                                                     "time_to_target_s": None}
                 cfg["runs"].append(dict(run_rec, warmup=(res or {}).get("warmup"), log=log, returncode=rc, wall_s=secs))
                 cfg["summary"] = summarize_norm(cfg["runs"])
                 ctx.progress("time_to_target", dict(rec, status="running"))
