@@ -97,7 +97,7 @@ def test_harness_end_to_end(betons, tmp_path):
     md = (out / "results.md").read_text()
     assert env["command"] in md and env["date"] in md and res["dataset"]["source"] in md
 
-    png = (out / "TA.png").read_bytes()
+    png = (out / "time_to_accuracy.png").read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 5000
 
 
@@ -460,7 +460,7 @@ def test_ray_sweep_runs_every_job_in_ray_workers(ray_session, betons, tmp_path):
     assert "## Where each run ran" in md and "runs at nice 0" in md
     assert all(r["where"]["niceness"] == 0 and r["torch_threads"] == 1 for r in res["runs"])
     assert f"{res['environment']['cpu_cores']} cores, 1 torch threads" in md  # the runs' threads, not the driver's
-    assert (out / "TA.png").read_bytes().startswith(PNG_MAGIC)
+    assert (out / "time_to_accuracy.png").read_bytes().startswith(PNG_MAGIC)
 
 
 @pytest.mark.slow
