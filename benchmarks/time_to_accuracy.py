@@ -550,10 +550,12 @@ def plan_jobs(args, beton_dir, device):
     return jobs
 
 
-def warmup_config(cfg, out, limit=None):
-    """The untimed warm-up of a run's config: one epoch on a small subset, never compiled nor captured."""
-    return cfg.replace(epochs=1, limit=min(WARMUP_IMAGES, limit or cfg.limit or WARMUP_IMAGES), compile="off",
-                       cuda_graphs=False, plots=False, out=out)
+def warmup_config(cfg, out):
+    """The untimed warm-up of a run's config: one epoch on a small subset (at least two of its batches, so that
+    the fused kernel is autotuned at the run's training shapes), never compiled nor captured."""
+    images = max(WARMUP_IMAGES, 2 * cfg.batch_size)
+    return cfg.replace(epochs=1, limit=min(images, cfg.limit or images), compile="off", cuda_graphs=False,
+                       plots=False, out=out)
 
 
 def warmup_job(args, jobs):

@@ -213,6 +213,7 @@ def test_every_configuration_is_a_valid_train_config(name, tmp_path):
     assert (w.compile, w.cuda_graphs, w.fused_norm, w.epochs, w.limit) == ("off", False, cfg.fused_norm, 1,
                                                                             TA.WARMUP_IMAGES)
     assert (w.norm, w.batch_size, w.out) == ("gn", 512, str(tmp_path / "w"))
+    assert TA.warmup_config(cfg.replace(batch_size=2048), "w").limit == 2 * 2048  # two batches at the run's shape
 
 
 def test_refused_settings_are_a_config_error(tmp_path):
