@@ -26,7 +26,7 @@ def shifted(x, d):
 
 def tta_logits(model, x, tta="off"):
     """Logits summed over test-time views: off (1 view), flip (+ mirror), flip-shift (+ one-pixel shifts
-    of both, at half weight: 4 views). Measured on 3-epoch models: flip +1 point, flip-shift +2."""
+    of both, at half weight: 4 views). What each adds is measured in benchmarks/NOTES.md."""
     if tta not in TTA:
         raise ValueError(f"unknown tta {tta!r}; choose one of {', '.join(TTA)}")
     logits = model(x)

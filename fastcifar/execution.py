@@ -72,8 +72,8 @@ def plan(cfg, dev):
         notes.append(f"--amp: {dev.name} has no native bf16; training in fp16 with a grad scaler")
     else:
         precision = "fp32"
-        notes.append("--amp: this CPU has no native bf16 (AVX512-BF16 or AMX), where bf16 autocast runs 2-3x "
-                     "slower than fp32; training in fp32")
+        notes.append("--amp: this CPU has no native bf16 (AVX512-BF16 or AMX), where bf16 autocast runs slower "
+                     "than fp32; training in fp32")
     if cfg.cuda_graphs and dev.type != "cuda":
         raise ConfigError("--cuda-graphs: CUDA graphs need a CUDA device; leave the flag out on the CPU")
     compile_on = cfg.cuda_graphs or cfg.compile == "on" or (cfg.compile == "auto" and dev.type == "cuda")

@@ -1,18 +1,18 @@
 """The CIFAR-10 network family: four layouts, each with BatchNorm, GroupNorm or LayerNorm.
 
-Every layout (benchmarks/NOTES.md has the measurements behind each choice) is a frozen 2x2
+Every layout (benchmarks/NOTES.md has the measurements behind each choice, benchmarks/RESULTS.md what they
+reach) is a frozen 2x2
 patch-whitening stem, then 3x3 convs, some max-pooling before their norm so that the norm runs on a
 quarter of the pixels, then global max pool and one linear layer:
 - `lean` (the fast preset): a stride-2 stem takes 32x32 to 16x16; four convs on 8x8 and 4x4 maps.
   Fewest FLOPs per point of accuracy in 2-3 epochs.
 - `deep`: a stride-1 stem keeps 32x32; six convs on 16x16, 8x8 and 4x4 maps. The same
-  parameter budget spends about 2.5x the FLOPs per image at higher resolution, which is what 20 epochs
+  parameter budget spends more FLOPs per image at higher resolution, which is what 20 epochs
   can afford and what the lean layout lacked (it underfits: train accuracy equals test accuracy).
-- `deep8`: deep without its conv on 4x4 maps; those parameters widen the convs on 16x16 and 8x8 maps instead
-  (28 and 36 channels at 16x16 against 20 and 32), about 1.2x deep's FLOPs.
+- `deep8`: deep without its conv on 4x4 maps; those parameters widen the convs on 16x16 and 8x8 maps instead.
 - `separable` (the best preset): deep's stem and resolutions, but each conv is depthwise 3x3 then
   pointwise 1x1 (one norm after the pair). A 3x3 filter costs 9*C parameters instead of 9*C*C', so the
-  same budget buys 2-3x the width (136 channels at the end against 40), and fewer multiply-adds.
+  same budget buys several times the width, and fewer multiply-adds.
 GN and LN standardize their conv weights (a separable pair: its composite filter), which lets them learn
 about as fast as BN in a few epochs.
 LayerNorm is GroupNorm with one group: statistics over (C, H, W), affine per channel, so the
@@ -53,7 +53,7 @@ class StandardizedConv2d(nn.Conv2d):
     """Conv whose filters are standardized to zero mean and unit variance before use (weight standardization).
 
     GN and LN normalize no statistic across the batch; standardized filters restore the smooth loss
-    surface BN gives, and measured, lift GN/LN's 3-epoch accuracy by about 4 points.
+    surface BN gives, and lift GN/LN's few-epoch accuracy (benchmarks/NOTES.md).
     """
 
     def forward(self, x):
@@ -111,7 +111,7 @@ class SeparableConv2d(nn.Sequential):
 
     standardize=True (gn, ln) standardizes the pair's composite 3x3 filter, pointwise[o, i] * depthwise[i], to
     zero mean and unit variance, as StandardizedConv2d does a full conv's. Standardizing either factor alone
-    is not that: GN and LN then learn 5-13 points slower than with full convs (benchmarks/NOTES.md).
+    is not that: GN and LN then learn far slower than with full convs (benchmarks/NOTES.md).
     """
 
     def __init__(self, c_in, c_out, standardize=False):
@@ -128,7 +128,7 @@ class CompositeStandardizedPointwise(nn.Conv2d):
     """The pointwise half of a standardized SeparableConv2d. Its filters are projected off each depthwise
     filter's DC gain, which zeroes the composite filter's mean, then scaled to the composite's unit variance.
     All of it is weight-space arithmetic: subtracting the mean from every tap instead needs a per-pixel pass
-    over the output, which made a training step about 2-3x slower on the CPU (measured)."""
+    over the output, which made a training step several times slower on the CPU (benchmarks/NOTES.md)."""
 
     def __init__(self, depthwise, c_out):
         super().__init__(depthwise.out_channels, c_out, 1, bias=False)

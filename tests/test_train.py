@@ -53,7 +53,7 @@ def learnable_source(tmp_path_factory):
 @pytest.mark.parametrize("norm", ["bn", "gn", "ln"])
 def test_cli_smoke_learns_and_writes_all_artefacts(tmp_path, learnable_source, norm):
     # measured with seed 0: bn 40% after its 2 epochs at lr 0.3, gn 87% and ln 94% after 3; chance is 10%.
-    # bn's preset lr (0.45, chosen over 782 steps of the real data) overshoots on this toy set's 12 steps
+    # bn's preset lr (chosen over hundreds of steps of the real data) overshoots on this toy set's 12 steps
     # (30%), so bn keeps the lr this threshold was measured at
     lr = ["--lr", "0.3"] if norm == "bn" else []
     metrics, out = run(tmp_path, learnable_source, "--norm", norm, "--target-acc", "0.35", *lr)
@@ -304,7 +304,7 @@ def test_limit_below_the_batch_size_is_one_line_error(tmp_path):
 def test_metrics_record_effective_settings(tmp_path, small_source):
     m, _ = run(tmp_path, small_source, "--epochs", "1", "--limit", "64", "--no-plots")
     assert (m["compile"], m["compile_requested"], m["cuda_graphs"]) == (False, "auto", False)
-    assert (m["batch_size"], m["lr"], m["arch"]) == (32, 0.45, "lean")  # bn's fast-preset lr on the CPU
+    assert (m["batch_size"], m["lr"], m["arch"]) == (32, preset_value("fast", "lr", "bn", "cpu"), "lean")
     assert (m["settings_from"]["batch_size"], m["settings_from"]["lr"]) == ("command line", "preset fast (cpu)")
     assert m["config"]["batch_size"] == 32 and m["execution"]["precision"] == "fp32"
 
