@@ -18,7 +18,7 @@ from .render import render_markdown
 PROG = "python -m benchmarks.gpu_report"
 PARTS = ("tests", "kernels", "time_to_target")
 PART_FNS = {"tests": tests_part.run, "kernels": kernels_part.run, "time_to_target": time_to_target_part.run}
-KERNEL_DTYPES = ("fp32", "fp16", "bf16")
+KERNEL_DTYPES = ("fp32", "fp16", "bf16")  # benchmarks.kernels.DTYPES, named here: that module imports triton
 
 
 def parse_args(argv=None):

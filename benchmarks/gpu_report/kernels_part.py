@@ -34,9 +34,10 @@ def run(args, ctx):
     problems = [p for p in problems if p]
     if problems:
         return dict(rec, status="failed", reason="; ".join(problems))
-    return dict(rec, status="ok", reason=f"{len(res['configs'])} configurations ({res['shapes']} shapes) checked "
-                                         "against fp32 eager, then timed" + (" (--cpu-smoke: one call each, not a "
-                                                                             "result)" if ctx.smoke else ""))
+    n, shapes = len(res["configs"]), res["shapes"]
+    return dict(rec, status="ok", reason=f"{n} configuration{'s' * (n != 1)} ({shapes} shape{'s' * (shapes != 1)}) "
+                "checked against fp32 eager, then timed" + (" (--cpu-smoke: one call each, not a result)"
+                                                            if ctx.smoke else ""))
 
 
 def child(spec):

@@ -106,8 +106,9 @@ def run(args, ctx):
     if bad:
         return dict(rec, status="failed", reason=f"{len(bad)} of {len(rec['configs'])} configurations failed: "
                                                  f"{', '.join(bad)}")
-    runs = sum(len(c["runs"]) for c in rec["configs"])
-    return dict(rec, status="ok", reason=f"{len(rec['configs'])} configurations, {runs} runs: every run " +
+    n, runs = len(rec["configs"]), sum(len(c["runs"]) for c in rec["configs"])
+    return dict(rec, status="ok", reason=f"{n} configuration{'s' * (n != 1)}, {runs} run{'s' * (runs != 1)}: every "
+                "run " +
                 ("trained (--cpu-smoke: a toy subset, no target claimed)" if ctx.smoke else
                  f"reached {100 * args.target:g}%"))
 
