@@ -125,6 +125,9 @@ def _optimizer_misfit(opt, state):
         why = _misfit(want, saved, f"param_groups[{i}]")
         if why:
             return why
+        for k, v in want.items():  # an option that is None here (foreach, fused) is tested for truth in step()
+            if v is None and not (saved[k] is None or isinstance(saved[k], bool)):
+                return f"param_groups[{i}][{k!r}] is a {type(saved[k]).__name__}, not None or a bool"
         ids = saved.get("params")
         if not isinstance(ids, list) or len(ids) != len(live["params"]) or \
                 not all(type(j) is int for j in ids):
@@ -137,12 +140,15 @@ def _optimizer_misfit(opt, state):
             return f"state for parameter {j!r}, which no group lists"
         if not isinstance(s, dict):
             return f"state[{j!r}] is not a dict"
-        for k, v in s.items():
-            if isinstance(v, torch.Tensor):
-                if v.dim() and v.shape != params[j].shape:
+        for k, v in s.items():  # torch's optimizers keep buffers shaped like their parameter, and a scalar step
+            if k == "step":
+                if not (_number(v) or isinstance(v, torch.Tensor) and v.numel() == 1):
+                    return f"state[{j!r}]['step'] is not a step count"
+            elif isinstance(v, torch.Tensor):
+                if v.shape != params[j].shape:
                     return f"state[{j!r}][{k!r}] has shape {tuple(v.shape)}, not {tuple(params[j].shape)}"
-            elif not (_number(v) or v is None):
-                return f"state[{j!r}][{k!r}] is a {type(v).__name__}"
+            elif v is not None:
+                return f"state[{j!r}][{k!r}] is a {type(v).__name__}, not a tensor"
     return None
 
 
