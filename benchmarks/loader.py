@@ -28,6 +28,7 @@ import time
 import torch
 
 from fastcifar.data import DataError, prepare_betons, resolve_source
+from fastcifar.data.prepare import FFCV_INSTALL, ffcv_problem
 from fastcifar.data.loaders import FFCVLoader, ResidentLoader
 from fastcifar.device import ConfigError, default_workers
 
@@ -176,6 +177,8 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         device = pick_device(args.device)
+        if ffcv_problem():  # it measures betons and ffcv's own loader
+            raise ConfigError(f"the loader benchmark reads betons, which need ffcv ({ffcv_problem()}): {FFCV_INSTALL}")
         beton_dir, manifest = prepare_betons(resolve_source(args.data), args.beton_dir)
     except (DataError, ConfigError) as e:
         sys.exit(f"error: {e}")

@@ -53,7 +53,7 @@ import torch
 
 from fastcifar import TrainConfig, fit
 from fastcifar.config import PRESETS
-from fastcifar.data import DataError, prepare_betons, resolve_source
+from fastcifar.data import DataError, prepare_data, resolve_source
 from fastcifar.device import ConfigError, pick_device
 from fastcifar.models import NORMS
 
@@ -576,7 +576,8 @@ def main(argv=None):
         device = pick_device(args.device)
         os.makedirs(args.out, exist_ok=True)
         # once, here, before any job is scheduled: every run (and every Ray worker) reads the same folder
-        beton_dir, manifest = prepare_betons(resolve_source(args.data), args.beton_dir)
+        prepared = prepare_data(resolve_source(args.data), args.beton_dir)  # betons, or arrays without ffcv
+        beton_dir, manifest = prepared.folder, prepared.manifest
         if args.executor == "ray":
             args.cpus_per_run, args.gpus_per_run = ray_resources(args, device)
             # a Ray worker's working directory is not the driver's

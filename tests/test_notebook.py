@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT
 NOTEBOOK = os.path.join(ROOT, "examples", "quickstart.ipynb")
 
 

@@ -13,7 +13,7 @@ import zipfile
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT  # noqa: E402
 SCRIPTS = {"fastcifar-train": "fastcifar.train:main", "fastcifar-evaluate": "fastcifar.evaluate:main",
            "fastcifar-data": "fastcifar.data.__main__:main"}
 # what a user of the kernel alone never installs: the data stack, this project, the heavier extras, and numpy
