@@ -441,7 +441,7 @@ def test_sigint_during_conversion_cli(tmp_path, tiny):
     r = child("fastcifar.data", "--source", source, "--out", betons, hook={"at": "convert", "n": 1,
                                                                             "signal": "SIGINT"})
     assert "HOOK converting train.beton" in r.stdout and r.returncode == 1, show(r)
-    assert r.stderr.strip().splitlines()[-1] == "interrupted: no beton was left that a later run would trust"
+    assert r.stderr.strip().splitlines()[-1] == "interrupted: nothing was left that a later run would trust"
     assert "Traceback" not in r.stderr and sorted(os.listdir(betons)) == CLEAN, show(r)
     r = child("fastcifar.data", "--source", source, "--out", betons)
     assert r.returncode == 0 and check_manifest(betons)[0] is not None, show(r)
@@ -463,7 +463,7 @@ def test_ctrl_c_to_the_process_group_while_ffcv_workers_write(tmp_path, tiny):
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
     assert p.returncode == 1, err
-    assert err.strip().splitlines()[-1] == "interrupted: no beton was left that a later run would trust", err
+    assert err.strip().splitlines()[-1] == "interrupted: nothing was left that a later run would trust", err
     assert "Traceback" not in err and "leaked" not in err, err
     assert sorted(os.listdir(betons)) == CLEAN
 
@@ -482,7 +482,7 @@ def test_ctrl_c_the_parent_swallowed_still_stops_the_conversion(tmp_path, tiny):
             os.killpg(p.pid, signal.SIGKILL)
     r = subprocess.CompletedProcess(p.args, p.returncode, out, err)
     assert "HOOK swallowed" in r.stdout and r.returncode == 1, show(r)
-    assert r.stderr.strip().splitlines()[-1] == "interrupted: no beton was left that a later run would trust"
+    assert r.stderr.strip().splitlines()[-1] == "interrupted: nothing was left that a later run would trust"
     assert "Traceback" not in r.stderr and "leaked" not in r.stderr, show(r)
     assert sorted(os.listdir(betons)) == CLEAN
 
@@ -796,8 +796,9 @@ def test_raw_ffcv_on_corrupt_betons(tmp_path):
 
     Observed with ffcv 1.0.2 (70 exploratory trials): ffcv checks nothing. Damage decodes silently to other
     pixels or labels (some labels far outside 0..9) or is not noticed at all; 5 of 70 reads raised; no hang or
-    crash. These 20 seeds: all 20 decode with valid shapes. read_beton now refuses impossible labels;
-    everything else is caught only by the manifest's sha256 (previous test). Here: never a hang, never a crash,
+    crash. These 20 seeds: all 20 decode with valid shapes. read_beton now checks the file's structure first
+    (validate_beton: sizes, pointers, samples, fields, labels; tests/test_beton_validation.py, test_fuzz.py);
+    changed pixels only the manifest's sha256 catches (previous test). Here: never a hang, never a crash,
     never an exception other than DataError, and a read that succeeds has valid shapes and labels.
     """
     root = str(tmp_path / "tree")
