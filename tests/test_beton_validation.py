@@ -105,7 +105,8 @@ def test_training_on_a_resigned_beton_folder_stops_with_one_line(folder, tmp_pat
                         "--epochs", "1", "--batch-size", "8", "--limit", "16", "--device", "cpu", "--threads", "1",
                         "--no-plots", "--quiet"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
-    assert r.returncode == 1 and "Traceback" not in r.stderr, f"rc={r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    assert r.returncode == 1 and "Traceback" not in r.stderr, \
+        f"rc={r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
     assert "train.beton" in last and "1048576 bytes" in last, r.stderr
 
 

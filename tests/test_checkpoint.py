@@ -138,8 +138,8 @@ def test_a_loader_state_that_does_not_fit():
     class Tiny(ResidentLoader):  # its state is its generator's: no data needed
         def __init__(self):
             self.generator = torch.Generator()
-    expect(r"loader\['generator'\] has shape \(7,\)", load_state, Tiny(), {"generator": torch.zeros(7, dtype=torch.uint8)},
-           "loader", "r/model.pt")
+    expect(r"loader\['generator'\] has shape \(7,\)", load_state, Tiny(),
+           {"generator": torch.zeros(7, dtype=torch.uint8)}, "loader", "r/model.pt")
     expect("lacks 'generator'", load_state, Tiny(), {}, "loader", "r/model.pt")
     load_state(Tiny(), {"generator": torch.Generator().get_state()}, "loader", "r/model.pt")
 

@@ -11,12 +11,9 @@ Each kind of file is fuzzed in one child process (ffcv and torch are imported on
 after every case: a crash or hang names the case it died in. Cases are drawn from FASTCIFAR_FUZZ_SEED (default 0).
 The beton child reads with ffcv's numba JIT off: the same decode, minus about a second of compiling per Loader.
 """
-import json
 import os
 import subprocess
 import sys
-
-import pytest
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)

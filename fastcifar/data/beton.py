@@ -45,7 +45,7 @@ _META = np.dtype([("image", np.dtype([("mode", "<u1"), ("width", "<u2"), ("heigh
                   ("label", "<i8")], align=True)
 _VERSION, _RAW, _IMAGE_BYTES = 2, 1, 32 * 32 * 3
 _FIELDS = ((2, "image"), (1, "label"))  # ffcv's type ids of RGBImageField and IntField, in the order we write
-_DATA_START = _HEADER.itemsize + len(_FIELDS) * _FIELD.itemsize  # where the metadata table begins
+_META_START = _HEADER.itemsize + len(_FIELDS) * _FIELD.itemsize  # the metadata table follows the descriptors
 
 
 def _parse_beton(path):
@@ -53,8 +53,8 @@ def _parse_beton(path):
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            head = f.read(_DATA_START)
-            if len(head) < _DATA_START:
+            head = f.read(_META_START)
+            if len(head) < _META_START:
                 return None, f"{size} bytes, shorter than a beton's header"
             h = np.frombuffer(head, _HEADER, 1)[0]
             n, table, page = int(h["num_samples"]), int(h["alloc_table_ptr"]), int(h["page_size"])
@@ -63,13 +63,13 @@ def _parse_beton(path):
             if h["num_fields"] != len(_FIELDS):
                 return None, f"{h['num_fields']} fields, not an image and a label"
             if page < 4096 or page & (page - 1):
-                return None, f"page size {page} is not a power of two"
+                return None, f"page size {page} is not a power of two of at least 4096"
             fields = np.frombuffer(head, _FIELD, len(_FIELDS), _HEADER.itemsize)
             for (type_id, name), fd in zip(_FIELDS, fields):
                 if fd["type_id"] != type_id or fd["name"].tobytes() != name.encode().ljust(16, b"\0") \
                         or fd["arguments"].any():
-                    return None, f"its fields are not a raw RGB image and an int label"
-            data_start = _DATA_START + n * _META.itemsize
+                    return None, "its fields are not a raw RGB image and an int label"
+            data_start = _META_START + n * _META.itemsize
             if n < 1 or data_start > table or table > size or size - table != n * _ALLOC.itemsize:
                 return None, (f"its header ({n} samples, allocation table at byte {table}) does not fit its "
                               f"{size} bytes")
