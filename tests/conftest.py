@@ -60,7 +60,8 @@ def make_tar(src_dir, path, prefix=""):
 
 
 def write_official(folder, n_per_batch=20, key="bytes", seed=0):
-    """The official layout (data_batch_1..5, test_batch) as Python-2-style pickles: uint8 (N, 3072) CHW rows."""
+    """The official layout (data_batch_1..5, test_batch, batches.meta) as Python-2-style pickles: uint8 (N, 3072)
+    CHW rows."""
     rng = np.random.default_rng(seed)
     os.makedirs(folder, exist_ok=True)
     k = (lambda s: s.encode()) if key == "bytes" else (lambda s: s)
@@ -76,6 +77,8 @@ def write_official(folder, n_per_batch=20, key="bytes", seed=0):
         split = "test" if name == "test_batch" else "train"
         out[split][0].append(imgs)
         out[split][1].extend(labels)
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:  # every complete official folder has it
+        pickle.dump({k("label_names"): [k(c) for c in CLASSES], k("num_vis"): 3072}, f, protocol=2)
     return {s: (np.concatenate(v[0]), np.array(v[1])) for s, v in out.items()}
 
 

@@ -7,7 +7,7 @@ import torch
 from conftest import SHARED_JPEG, make_tar, write_image_folder
 from fastcifar.data import DataError, ensure_betons, prepare_betons, read_beton, read_source
 from fastcifar.data.beton import MANIFEST, MARKER, check_manifest
-from test_downloads import write_official  # with batches.meta, which a complete official folder has
+from conftest import write_official
 from fastcifar.data.loaders import MEAN, STD, ResidentLoader, augment, normalize
 from fastcifar.data.sources import CLASSES
 

@@ -6,7 +6,6 @@ import hashlib
 import io
 import json
 import os
-import pickle
 import subprocess
 import sys
 import tarfile
@@ -15,20 +14,10 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, make_tar
-from conftest import write_official as _write_official
+from conftest import write_official
 from fastcifar.data import DataError, read_source, resolve_source
 from fastcifar.data import sources
-from fastcifar.data.sources import CLASSES, OFFICIAL_ARCHIVE, OFFICIAL_FOLDER, download_official
-
-
-def write_official(folder, **kw):
-    """The official layout with its batches.meta, which every complete official folder has."""
-    out = _write_official(folder, **kw)
-    meta = os.path.join(folder, "batches.meta")
-    if not os.path.exists(meta):
-        with open(meta, "wb") as f:
-            pickle.dump({b"label_names": [c.encode() for c in CLASSES], b"num_vis": 3072}, f, protocol=2)
-    return out
+from fastcifar.data.sources import OFFICIAL_ARCHIVE, OFFICIAL_FOLDER, download_official
 
 
 def md5(data):

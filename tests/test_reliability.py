@@ -57,7 +57,7 @@ from fastcifar.checkpoint import load_checkpoint
 from fastcifar.data import DataError, ensure_betons, prepare_betons, read_beton, read_source
 from fastcifar.data.beton import MANIFEST, MARKER, check_manifest
 from fastcifar.data.sources import source_fingerprint
-from test_downloads import write_official  # with batches.meta, which a complete official folder has
+from conftest import write_official  # noqa: E402
 
 CLEAN = sorted([".lock", MARKER])  # what an interrupted conversion leaves: the folder's lock and its mark
 

@@ -8,15 +8,14 @@ so one folder can hold both; any other non-empty folder is refused, since the ca
 """
 import contextlib
 import hashlib
-import json
 import os
 
 import numpy as np
 
-from ..io import _atomic, atomic_write_json, fsync_dir
+from ..io import _atomic, fsync_dir
 from . import beton
-from .beton import _check_free_space, _consistent, _locked, _sha256
-from .sources import CLASSES, SPLITS, DataError, read_source, source_fingerprint
+from .beton import _check_free_space, check_files, convert_once
+from .sources import CLASSES, SPLITS, DataError
 
 FORMAT_VERSION = 1
 MANIFEST = "arrays.json"
@@ -88,53 +87,18 @@ def read_arrays(path):
 
 def check_arrays(folder, fingerprint=None):
     """The manifest if both split files match it (and the source's fingerprint, if given); else why not."""
-    try:
-        with open(os.path.join(folder, MANIFEST)) as f:
-            m = json.load(f)
-        if not isinstance(m, dict):
-            return None, f"unreadable {MANIFEST} (not a JSON object)"
-        if m.get("format_version") != FORMAT_VERSION or m.get("kind") != "arrays":
-            return None, f"format {m.get('kind')} version {m.get('format_version')} is not arrays {FORMAT_VERSION}"
-        if not _consistent(m):
-            return None, f"{MANIFEST} is damaged (its fields do not agree with each other)"
-        if fingerprint is not None and m.get("source") != fingerprint:
-            return None, "the source changed since it was cached"
-        for split in SPLITS:
-            info, p = m["splits"][split], split_path(folder, split)
-            if os.path.getsize(p) != info["bytes"] or _sha256(p) != info["sha256"]:
-                return None, f"{os.path.basename(p)} is truncated or corrupt (it does not match {MANIFEST})"
-        return m, None
-    except FileNotFoundError as e:
-        return None, f"{os.path.basename(e.filename or '')} is missing"
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return None, f"unreadable {MANIFEST} ({type(e).__name__})"
+    kind = lambda m: None if (m.get("format_version"), m.get("kind")) == (FORMAT_VERSION, "arrays") else \
+        f"format {m.get('kind')} version {m.get('format_version')} is not arrays {FORMAT_VERSION}"  # noqa: E731
+    return check_files(folder, MANIFEST, fingerprint, kind, lambda split: split_path(folder, split))
 
 
 def ensure_arrays(source, folder, progress=print):
     """Return the manifest of valid train/test arrays for `source` in `folder`, reading the source if needed."""
     _claim_folder(folder)
-    fingerprint = source_fingerprint(source)
-    m, _ = check_arrays(folder, fingerprint)
-    if m:
-        return m
-    with _locked(folder):
-        m, _ = check_arrays(folder, fingerprint)  # another process may have finished while we waited
-        if m:
-            return m
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(folder, MANIFEST))  # the files below are stale until a new manifest says so
-        _remove_leftovers(folder)
-        progress(f"reading {source} into arrays in {folder} (once)")
-        ds = read_source(source)
-        m = {"format_version": FORMAT_VERSION, "kind": "arrays", "source": fingerprint,
-             "description": ds.description, "classes": list(CLASSES), "splits": {}}
-        for split in SPLITS:
-            p = split_path(folder, split)
-            write_split(ds.splits[split], p)
-            m["splits"][split] = {"images": len(ds.splits[split]), "per_class": ds.class_counts(split),
-                                  "bytes": os.path.getsize(p), "sha256": _sha256(p)}
-        atomic_write_json(os.path.join(folder, MANIFEST), m)
-        return m
+    return convert_once(source, folder, lambda f, fp: check_arrays(f, fp)[0], write_split,
+                        lambda split: split_path(folder, split), MANIFEST, _remove_leftovers,
+                        f"reading {source} into arrays in {folder} (once)",
+                        {"format_version": FORMAT_VERSION, "kind": "arrays"}, progress)
 
 
 def _remove_leftovers(folder):

@@ -256,34 +256,48 @@ def write_beton(split, path, num_workers=None):
 
 def check_manifest(folder, fingerprint=None):
     """The manifest if both betons match it (and the source's fingerprint, if given); else why not."""
+    def readable(p, info):  # the sha256 is the manifest's own word: the file must also be one ffcv reads safely
+        labels, why = _parse_beton(p)
+        if why:
+            return f"{os.path.basename(p)} is not a beton this project can read: {why}"
+        if np.bincount(labels, minlength=len(CLASSES)).tolist() != info["per_class"]:
+            return f"{os.path.basename(p)}'s labels do not match {MANIFEST}"
+        return None
+    version = lambda m: None if m.get("format_version") == FORMAT_VERSION else \
+        f"format version {m.get('format_version')} is not {FORMAT_VERSION}"  # noqa: E731
+    return check_files(folder, MANIFEST, fingerprint, version, lambda split: os.path.join(folder, f"{split}.beton"),
+                       readable)
+
+
+def check_files(folder, manifest_name, fingerprint, accepts, path_of, also=None):
+    """(manifest, None) when folder's manifest is well formed, accepts(manifest) finds nothing wrong, it matches the
+    source's fingerprint (if given), and each split's file its size and sha256 (and also(path, info) finds nothing
+    wrong); else (None, why not)."""
     try:
-        with open(os.path.join(folder, MANIFEST)) as f:
+        with open(os.path.join(folder, manifest_name)) as f:
             m = json.load(f)
         if not isinstance(m, dict):
-            return None, f"unreadable {MANIFEST} (not a JSON object)"
-        if m.get("format_version") != FORMAT_VERSION:
-            return None, f"format version {m.get('format_version')} is not {FORMAT_VERSION}"
+            return None, f"unreadable {manifest_name} (not a JSON object)"
+        why = accepts(m)
+        if why:
+            return None, why
         if not _consistent(m):
-            return None, f"{MANIFEST} is damaged (its fields do not agree with each other)"
+            return None, f"{manifest_name} is damaged (its fields do not agree with each other)"
         if fingerprint is not None and m.get("source") != fingerprint:
             return None, "the source changed since conversion"
         for split in SPLITS:
-            info = m["splits"][split]
-            p = os.path.join(folder, f"{split}.beton")
-            # size is cheap; the hash catches a same-size beton that was overwritten
+            info, p = m["splits"][split], path_of(split)
+            # size is cheap; the hash catches a same-size file that was overwritten
             if os.path.getsize(p) != info["bytes"] or _sha256(p) != info["sha256"]:
-                return None, f"{split}.beton is truncated or corrupt (it does not match {MANIFEST})"
-            # the sha256 is the manifest's own word: the file must also be one that ffcv can read safely
-            labels, why = _parse_beton(p)
+                return None, f"{os.path.basename(p)} is truncated or corrupt (it does not match {manifest_name})"
+            why = also(p, info) if also else None
             if why:
-                return None, f"{split}.beton is not a beton this project can read: {why}"
-            if np.bincount(labels, minlength=len(CLASSES)).tolist() != info["per_class"]:
-                return None, f"{split}.beton's labels do not match {MANIFEST}"
+                return None, why
         return m, None
     except FileNotFoundError as e:
         return None, f"{os.path.basename(e.filename or '')} is missing"
     except (OSError, ValueError, KeyError, TypeError) as e:
-        return None, f"unreadable {MANIFEST} ({type(e).__name__})"
+        return None, f"unreadable {manifest_name} ({type(e).__name__})"
 
 
 def _consistent(m):
@@ -346,7 +360,8 @@ def _claim_folder(folder):
         raise DataError(f"{folder}: cannot use it as a beton folder ({e.strerror or type(e).__name__})") from None
     if MARKER in names:
         return
-    if names and not _our_manifest(folder) and not all(n == ".lock" or _leftover(n) for n in names):
+    arrays = ".fastcifar-arrays" in names  # the array cache's marker (arrays.MARKER): its files have other names
+    if names and not arrays and not _our_manifest(folder) and not all(n == ".lock" or _leftover(n) for n in names):
         raise DataError(f"{folder}: not empty and not a fastcifar beton folder, so nothing is converted into it; "
                         "name a new or empty folder (--beton-dir)")
     with open(os.path.join(folder, MARKER), "w") as f:
@@ -358,27 +373,36 @@ def ensure_betons(source, folder, progress=print):
     """Return the manifest of valid train/test betons for `source` in `folder`, converting if needed. Only a new,
     empty or fastcifar beton folder is used; any other is a DataError, and nothing in it is touched."""
     _claim_folder(folder)
+    return convert_once(source, folder, _manifest_ok, write_beton, lambda split: os.path.join(folder, f"{split}.beton"),
+                        MANIFEST, _remove_leftovers, f"converting {source} to FFCV betons in {folder} (once)",
+                        {"format_version": FORMAT_VERSION}, progress)
+
+
+def convert_once(source, folder, valid, write, path_of, manifest_name, remove_leftovers, message, header,
+                 progress=print):
+    """The manifest of `folder`'s files for `source`: valid(folder, fingerprint) if they are, else, under the
+    folder's lock (a second process waits, then finds the first one's files valid), the source read once, each
+    split written with write(split, path) and the manifest written last, so no file is trusted before it is."""
     fingerprint = source_fingerprint(source)
-    m = _manifest_ok(folder, fingerprint)
+    m = valid(folder, fingerprint)
     if m:
         return m
     with _locked(folder):
-        m = _manifest_ok(folder, fingerprint)  # another process may have finished while we waited
+        m = valid(folder, fingerprint)
         if m:
             return m
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(folder, MANIFEST))  # betons below are stale until a new manifest says so
-        _remove_leftovers(folder)
-        progress(f"converting {source} to FFCV betons in {folder} (once)")
+            os.unlink(os.path.join(folder, manifest_name))  # the files below are stale until a new manifest says so
+        remove_leftovers(folder)
+        progress(message)
         ds = read_source(source)
-        m = {"format_version": FORMAT_VERSION, "source": fingerprint, "description": ds.description,
-             "classes": list(CLASSES), "splits": {}}
+        m = {**header, "source": fingerprint, "description": ds.description, "classes": list(CLASSES), "splits": {}}
         for split in SPLITS:
-            p = os.path.join(folder, f"{split}.beton")
-            write_beton(ds.splits[split], p)
+            p = path_of(split)
+            write(ds.splits[split], p)
             m["splits"][split] = {"images": len(ds.splits[split]), "per_class": ds.class_counts(split),
                                   "bytes": os.path.getsize(p), "sha256": _sha256(p)}
-        atomic_write_json(os.path.join(folder, MANIFEST), m)
+        atomic_write_json(os.path.join(folder, manifest_name), m)
         return m
 
 
