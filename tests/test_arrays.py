@@ -122,6 +122,12 @@ def test_only_an_empty_or_fastcifar_folder_receives_arrays(tmp_path, image_folde
     (betons / "manifest.json").write_text("{}")
     assert ensure_arrays(image_folder[0], str(betons), progress=lambda s: None)["kind"] == "arrays"
     assert (betons / "manifest.json").read_text() == "{}"
+    shared = tmp_path / "shared"  # the other order: arrays first (no ffcv), betons later (ffcv installed)
+    ensure_arrays(image_folder[0], str(shared), progress=lambda s: None)
+    pytest.importorskip("ffcv")
+    from fastcifar.data import ensure_betons
+    assert ensure_betons(image_folder[0], str(shared), progress=lambda s: None)["splits"]["train"]["images"] > 0
+    assert check_arrays(str(shared))[0] is not None
 
 
 def test_read_arrays_refuses_what_is_not_a_record_file(tmp_path):
