@@ -4,7 +4,8 @@ import torch.nn.functional as F
 
 from fastcifar.models import (ARCHS, NORMS, PARAM_BUDGET, PatchWhitening, SeparableConv2d, StandardizedConv2d, count_params,
                               make_model)
-from fastcifar.train import make_optimizer
+from fastcifar.config import TrainConfig
+from fastcifar.loop import make_optimizer
 
 
 # the counts the README and results report; norms cost the same 2*C parameters in every variant
@@ -151,7 +152,7 @@ def test_training_leaves_the_whitening_filters_frozen(norm):
     m = make_model(norm)
     m.stem.fit(torch.randn(64, 3, 32, 32))
     frozen, bias = m.stem.weight.clone(), m.stem.bias.clone()
-    opt = make_optimizer(m, lr=0.2, weight_decay=5e-4)
+    opt = make_optimizer(m, TrainConfig.resolve(lr=0.2))
     F.cross_entropy(m(torch.randn(8, 3, 32, 32)), torch.randint(0, 10, (8,))).backward()
     opt.step()
     assert torch.equal(m.stem.weight, frozen) and not torch.equal(m.stem.bias, bias)
