@@ -57,7 +57,8 @@ def evaluate(model, loader, autocast=contextlib.nullcontext, tta="off"):
 
 
 def per_class_accuracy(labels, preds):
-    return {c: float((preds[labels == i] == i).mean()) for i, c in enumerate(CLASSES)}
+    """{class: accuracy}, None for a class with no test images (a --limit subset)."""
+    return {c: float((preds[labels == i] == i).mean()) if (labels == i).any() else None for i, c in enumerate(CLASSES)}
 
 
 def main(argv=None):
@@ -89,7 +90,7 @@ def main(argv=None):
     per_class = per_class_accuracy(labels, preds.cpu().numpy())
     print(f"test accuracy {100 * acc:.2f}%  loss {loss:.4f}  (tta {tta}) on {data.manifest['description']}")
     for c, a in per_class.items():
-        print(f"  {c:<10} {100 * a:6.2f}%")
+        print(f"  {c:<10} " + ("no test images" if a is None else f"{100 * a:6.2f}%"))
     if args.json:
         atomic_write_json(args.json, {"checkpoint": args.checkpoint, "dataset": data.manifest["description"],
                                       "test_acc": acc, "test_loss": loss, "tta": tta, "per_class": per_class})

@@ -374,7 +374,7 @@ def test_killed_while_plotting_after_the_last_epoch(tmp_path, tiny, reference):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("delay", [0.0, 0.05, 0.2, 0.5])
+@pytest.mark.parametrize("delay", [0.0, 0.3])
 def test_sigkill_from_outside_after_epoch_one(tmp_path, tiny, reference, delay):
     """No hook: the kill lands wherever the child happens to be (evaluating, saving, training epoch 2)."""
     source, _, betons = tiny
@@ -520,17 +520,6 @@ def test_second_converter_waits_on_the_lock_and_reuses(tmp_path, tiny):
     _assert_valid_round_trip(source, want, betons)
 
 
-def test_three_converters_started_at_once(tmp_path, tiny):
-    source, want, _ = tiny
-    betons = str(tmp_path / "betons")
-    procs = [spawn("fastcifar.data", "--source", source, "--out", betons, hook={"at": "slow_convert"})
-             for _ in range(3)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [e for _, e in outs]
-    assert sum("converting" in o for o, _ in outs) == 1, [o for o, _ in outs]
-    _assert_valid_round_trip(source, want, betons)
-
-
 def _assert_valid_round_trip(source, want, betons):
     m, why = check_manifest(betons, source_fingerprint(source))
     assert m is not None, why
@@ -594,11 +583,6 @@ def _disk_full_at_checkpoint(tmp_path, tiny, reference, real):
 
 def test_disk_full_at_checkpoint_keeps_the_previous_one(tmp_path, tiny, reference):
     _disk_full_at_checkpoint(tmp_path, tiny, reference, real=True)
-
-
-@pytest.mark.slow
-def test_disk_full_at_checkpoint_injected(tmp_path, tiny, reference):
-    _disk_full_at_checkpoint(tmp_path, tiny, reference, real=False)
 
 
 def test_disk_full_during_conversion_fails_fast(tmp_path, tiny):
@@ -723,7 +707,7 @@ def test_fuzz_image_tarball(tmp_path, suffix):
 
 
 def test_fuzz_converted_betons_are_refused_before_ffcv_reads_them(tmp_path):
-    """ffcv's reader checks nothing (see test_raw_ffcv_on_corrupt_betons): the manifest's sha256 is the guard."""
+    """ffcv's reader checks nothing: the manifest's sha256 is the guard for pixels (tests/test_fuzz.py: structure)."""
     root = str(tmp_path / "tree")
     write_image_folder(root, per_class=(2, 1))
     folder = str(tmp_path / "betons")
@@ -790,53 +774,3 @@ def test_damaged_manifest_that_still_parses_is_refused(tmp_path, damage):
     assert msgs and check_manifest(folder)[0] is not None, "a damaged manifest means converting again"
 
 
-@pytest.mark.slow
-def test_raw_ffcv_on_corrupt_betons(tmp_path):
-    """What ffcv itself does with a damaged beton, read directly (no manifest), in a subprocess.
-
-    Observed with ffcv 1.0.2 (70 exploratory trials): ffcv checks nothing. Damage decodes silently to other
-    pixels or labels (some labels far outside 0..9) or is not noticed at all; 5 of 70 reads raised; no hang or
-    crash. These 20 seeds: all 20 decode with valid shapes. read_beton now checks the file's structure first
-    (validate_beton: sizes, pointers, samples, fields, labels; tests/test_beton_validation.py, test_fuzz.py);
-    changed pixels only the manifest's sha256 catches (previous test). Here: never a hang, never a crash,
-    never an exception other than DataError, and a read that succeeds has valid shapes and labels.
-    """
-    root = str(tmp_path / "tree")
-    write_image_folder(root, per_class=(2, 1))
-    ensure_betons(root, str(tmp_path / "betons"), progress=lambda s: None)
-    raw = open(str(tmp_path / "betons" / "test.beton"), "rb").read()
-    nz = np.flatnonzero(np.frombuffer(raw, np.uint8))
-    # one process reads them all: ffcv's JIT is paid once, and a crash still names its seed and fails
-    reader = ("import sys\nfrom fastcifar.data import read_beton, DataError\n"
-              "for p in sys.argv[1:]:\n    print('READ', p, flush=True)\n"
-              "    try:\n        x, y = read_beton(p, num_workers=1)\n"
-              "        print('SHAPE', x.shape, x.dtype, y.shape, int(y.min()), int(y.max()), flush=True)\n"
-              "    except DataError as e:\n        print('DATAERROR', e, flush=True)\n")
-    paths = []
-    for seed in range(20):
-        b = bytearray(raw)
-        rng = np.random.default_rng(seed)
-        for pos in rng.choice(nz, int(rng.integers(1, 9)), replace=False):
-            b[pos] ^= int(rng.integers(1, 256))
-        paths.append(str(tmp_path / f"c{seed}.beton"))
-        open(paths[-1], "wb").write(b)
-    try:
-        r = subprocess.run([sys.executable, "-c", reader, *paths], capture_output=True, text=True, timeout=300,
-                           env=_env(None), cwd=REPO)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"ffcv hung on a corrupt beton; last lines: {(e.stdout or b'')[-500:]!r}")
-    lines = r.stdout.strip().splitlines()
-    reads = [i for i, line in enumerate(lines) if line.startswith("READ ")]
-    # a segfault or any other death by signal fails: the reader must return or raise DataError
-    assert r.returncode == 0 and len(reads) == 20, f"died reading {lines[reads[-1]] if reads else '?'}: {show(r)}"
-    outcomes = {}
-    for seed, i in enumerate(reads):
-        out = lines[i + 1] if i + 1 < len(lines) else ""
-        kind = out.split(" ")[0]
-        outcomes[kind] = outcomes.get(kind, 0) + 1
-        assert kind in ("SHAPE", "DATAERROR"), f"seed {seed}: {out!r}\n{show(r)}"
-        if kind == "SHAPE":  # read_beton refuses labels outside 0..9
-            assert out.startswith("SHAPE (10, 32, 32, 3) uint8 (10,)"), f"seed {seed}: {out}"
-            lo, hi = map(int, out.split()[-2:])
-            assert 0 <= lo <= hi <= 9, f"seed {seed}: {out}"
-    print("raw ffcv outcomes:", outcomes)

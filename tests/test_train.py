@@ -343,17 +343,6 @@ def test_compile_with_inductor_trains(tmp_path, small_source):
     assert m["history"][0]["train_loss"] == pytest.approx(ref["history"][0]["train_loss"], rel=1e-3)
 
 
-@pytest.mark.slow
-def test_fused_norm_on_end_to_end_under_the_interpreter(tmp_path, small_source):
-    r = cli("--norm", "gn", "--fused-norm", "on", "--data", small_source, "--out", str(tmp_path / "o"),
-            "--epochs", "1", "--limit", "32", "--batch-size", "16", "--quiet", "--no-plots", "--device", "cpu",
-            "--tta", "off", env={"TRITON_INTERPRET": "1", "FASTCIFAR_CACHE": str(tmp_path / "c")})
-    assert r.returncode == 0, r.stderr[-2000:]
-    m = json.load(open(tmp_path / "o" / "metrics.json"))
-    assert m["fused_norm"] is True and m["fused_norm_fallback"] is None and m["status"] == "done"
-    assert np.isfinite(m["history"][0]["train_loss"])
-
-
 CPU = DeviceInfo("cpu", "cpu (test)")
 
 
@@ -376,6 +365,14 @@ def interpreted_kernel(monkeypatch):
     for cache in ("_STATUS", "_ROUTES", "_ENV"):
         monkeypatch.setattr(impl, cache, {})
     return impl
+
+
+@pytest.mark.slow  # every kernel launch is interpreted
+def test_fused_norm_on_end_to_end_under_the_interpreter(interpreted_kernel, tmp_path, small_source):
+    m, _ = run(tmp_path, small_source, "--norm", "gn", "--fused-norm", "on", "--epochs", "1", "--limit", "32",
+               "--batch-size", "16", "--no-plots", "--tta", "off")
+    assert m["fused_norm"] is True and m["fused_norm_fallback"] is None and m["status"] == "done"
+    assert np.isfinite(m["history"][0]["train_loss"])
 
 
 def test_fused_norm_verifies_the_kernel_before_trusting_it(interpreted_kernel):
