@@ -1,0 +1,7 @@
+cd /work/main
+for seed in 0 1 2 3; do
+  for opt in sgd muon; do
+    python -m research.screen --optimizer $opt --muon-lr 0.225 -- --norm bn --amp --seed $seed --threads 2 \
+      --data ../shared/data/cifar10-jpeg.tar.gz --quiet --no-plots --out runs/muon-screen/bn-$opt-s$seed --overwrite 2>&1 | grep -E "SCREEN|error|Traceback"
+  done
+done
