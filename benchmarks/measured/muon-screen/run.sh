@@ -1,4 +1,4 @@
-cd /work/main
+# run from the repository root; each screen writes runs/muon-screen/<run>/screen.json
 for seed in 0 1 2 3; do
   for opt in sgd muon; do
     python -m research.screen --optimizer $opt --muon-lr 0.225 -- --norm bn --amp --seed $seed --threads 2 \
