@@ -34,9 +34,9 @@ def plot_curves(history, path, target=None, title=""):
 
 
 def plot_misclassified(images, labels, preds, classes, path, n=20):
-    """images: uint8 (N, 32, 32, 3); shows the first n test images the model got wrong."""
+    """images: uint8 (N, 32, 32, 3); shows up to n test images the model got wrong, taken in turn from each true
+    class (the first n alone would all be airplanes: the test set is sorted by class)."""
     wrong_all = np.flatnonzero(labels != preds)
-    # a few from every true class rather than the first n, which would all be airplanes
     by_class = [wrong_all[labels[wrong_all] == c] for c in range(len(classes))]
     wrong = [w[i] for i in range(n) for w in by_class if i < len(w)][:n]
     cols = 5
