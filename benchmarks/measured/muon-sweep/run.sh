@@ -1,0 +1,7 @@
+# run from the repository root; each screen writes runs/muon-sweep/<run>/screen.json
+for seed in $(seq 20 39); do
+  for opt in sgd muon; do
+    python -m research.screen --optimizer $opt --muon-lr 0.225 -- --norm bn --amp --seed $seed --threads 2 \
+      --data ../shared/data/cifar10-jpeg.tar.gz --quiet --no-plots --out runs/muon-sweep/bn-$opt-s$seed --overwrite 2>&1 | grep -E "SCREEN|error|Traceback"
+  done
+done
