@@ -18,8 +18,7 @@ from fastcifar.io import atomic_write_json
 from fastcifar.models import NORMS
 
 from .common import ROOT, markdown_table
-
-TRAIN_IMAGES = 50_000
+from .throughput import TRAIN_IMAGES
 
 
 def record_runs(path):

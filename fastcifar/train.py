@@ -85,16 +85,16 @@ def parse(argv=None):
     return settings, settings.pop("resume", None), settings.pop("config", None), settings.pop("print_config", None)
 
 
-def resolved(argv=None):
-    """The (TrainConfig, resumed checkpoint) the command line asks for."""
+def resolved(argv=None, device=None):
+    """The (TrainConfig, resumed checkpoint) the command line asks for; device overrides --device."""
     settings, resume, config_file, _ = parse(argv)
+    if device is not None:
+        settings["device"] = device
     return configure(resume=resume, config_file=config_file, explicit_source="command line", **settings)
 
 
-def print_config(settings, resume, config_file, device):
-    if device in ("cpu", "cuda"):
-        settings = {**settings, "device": device}
-    cfg, _ = configure(resume=resume, config_file=config_file, explicit_source="command line", **settings)
+def print_config(argv, device):
+    cfg, _ = resolved(argv, device if device in ("cpu", "cuda") else None)
     dev = describe_device(device if device in ("cpu", "cuda") else pick_device_type(cfg.device))
     print(json.dumps({"config": cfg.to_dict(), "recipe": cfg.recipe(), "execution": cfg.execution(),
                       "files": cfg.files(), "sources": cfg.sources,
@@ -111,12 +111,12 @@ def _what_is_kept(out, started, resumed):
 
 
 def main(argv=None):
-    settings, resume, config_file, device = parse(argv)
+    _, resume, _, device = parse(argv)
     started, cfg = time.time(), None
     try:
         if device is not None:
-            return print_config(settings, resume, config_file, device)
-        cfg, saved = configure(resume=resume, config_file=config_file, explicit_source="command line", **settings)
+            return print_config(argv, device)
+        cfg, saved = resolved(argv)
         cfg = assign_out(cfg)
         result = fit(cfg, checkpoint=saved)
     except (DataError, ConfigError, CheckpointError, FloatingPointError) as e:

@@ -14,8 +14,9 @@ import os
 import sys
 
 from fastcifar.io import atomic_write_json
-from fastcifar.loop import configure, fit
+from fastcifar.loop import fit
 from fastcifar.models import ARCHS, Layout, make_model
+from fastcifar.train import resolved
 
 
 def layout_factory(layout):
@@ -34,9 +35,7 @@ def main(argv=None):
                    help="muon: research/muon.py on the conv filters, the preset's SGD on the rest")
     p.add_argument("--muon-lr", type=float, default=0.05, help="Muon's peak learning rate (the schedule scales it)")
     a = p.parse_args(ours)
-    from fastcifar.train import parse
-    settings, resume, config_file, _ = parse(train_argv)
-    cfg, saved = configure(resume=resume, config_file=config_file, explicit_source="command line", **settings)
+    cfg, saved = resolved(train_argv)
     optimizer = None
     if a.optimizer == "muon":
         from research.muon import muon_factory

@@ -15,9 +15,8 @@ from fastcifar.config import TrainConfig
 from fastcifar.execution import cpu_has_native_bf16
 from fastcifar.loop import make_optimizer
 from fastcifar.models import count_params
+from benchmarks.throughput import TRAIN_IMAGES
 from research.screen import layout_factory
-
-TRAIN_IMAGES = 50_000
 
 
 def step_seconds(model, batch, steps, warmup, amp):
