@@ -38,10 +38,12 @@ def record_runs(path):
 
 
 def matching_runs(cfg):
-    """The recorded runs of exactly this recipe (norm, preset, batch size, lr, epochs, arch where recorded)."""
+    """The recorded runs of exactly this recipe (norm, preset, batch size, lr, optimizer, epochs, arch where
+    recorded); records from before the recipe named its optimizer trained SGD."""
     return [r for r in record_runs(RECORDS[cfg.preset][cfg.norm]) if r["norm"] == cfg.norm
             and r["preset"] == cfg.preset and (r["batch_size"], r["lr"], r["epochs_planned"]) ==
-            (cfg.batch_size, cfg.lr, cfg.epochs) and r.get("arch", cfg.arch) == cfg.arch]
+            (cfg.batch_size, cfg.lr, cfg.epochs) and r.get("arch", cfg.arch) == cfg.arch
+            and (r.get("optimizer") or "sgd", r.get("muon_lr")) == (cfg.optimizer, cfg.muon_lr)]
 
 
 def summary(cfg):

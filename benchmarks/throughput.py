@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fastcifar import TrainConfig
 from fastcifar.execution import cpu_has_native_bf16
-from fastcifar.loop import make_optimizer
+from fastcifar.optim import make_optimizer
 from fastcifar.models import ARCHS, NORMS, count_params, make_model
 
 from .common import (atomic_write_json, atomic_write_text, environment, fmt, markdown_table, report_header,

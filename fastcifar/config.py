@@ -17,6 +17,7 @@ from typing import Optional
 
 from .device import ConfigError
 from .models import ARCHS, NORMS
+from .optim import OPTIMIZERS
 
 EPOCH_BUDGET = 20
 TTA_VIEWS = ("off", "flip", "flip-shift")
@@ -27,10 +28,10 @@ DEVICE_TYPES = ("cpu", "cuda")
 PRESETS = {
     # the lean layout learns most per second; the shortest schedules whose last epoch reaches 70% on every seed
     "fast": dict(arch="lean", epochs={"bn": 2, "gn": 3, "ln": 3}, stop_at_target=True, batch_size=128,
-                 lr={"bn": 0.45, "gn": 0.2, "ln": 0.2}),
+                 lr={"bn": 0.45, "gn": 0.2, "ln": 0.2}, optimizer="sgd", muon_lr=None),
     # the layout that learns most in 20 epochs, inside 10 minutes on a 2-core CPU
     "best": dict(arch="separable", epochs=20, stop_at_target=False, batch_size=128,
-                 lr={"bn": 0.2, "gn": 0.1, "ln": 0.1}),
+                 lr={"bn": 0.2, "gn": 0.1, "ln": 0.1}, optimizer="sgd", muon_lr=None),
 }
 # the sweeps that measured each preset's recipe, per norm (repository paths; benchmarks/RESULTS.md reads them)
 RECORDS = {
@@ -39,11 +40,11 @@ RECORDS = {
     "best": {"bn": "benchmarks/measured/best-separable", "gn": "benchmarks/measured/best-separable-gnln",
              "ln": "benchmarks/measured/best-separable-gnln"},
 }
-RECIPE = ("norm", "preset", "arch", "epochs", "batch_size", "lr", "weight_decay", "label_smoothing", "seed",
+RECIPE = ("norm", "preset", "arch", "epochs", "batch_size", "lr", "optimizer", "muon_lr", "weight_decay", "label_smoothing", "seed",
           "target_acc", "stop_at_target", "tta", "cutout", "limit")
 EXECUTION = ("device", "amp", "compile", "cuda_graphs", "fused_norm", "threads", "loader")
 FILES = ("data", "beton_dir", "out", "overwrite", "quiet", "plots")
-FROM_PRESET = ("arch", "epochs", "batch_size", "lr", "stop_at_target")
+FROM_PRESET = ("arch", "epochs", "batch_size", "lr", "optimizer", "muon_lr", "stop_at_target")
 # a resumed run keeps its recipe and its data; the machine it resumes on chooses how to run it
 RESUMED = RECIPE + ("loader", "data", "beton_dir")
 
@@ -58,7 +59,9 @@ class TrainConfig:
     arch: Optional[str] = None            # None: from the preset
     epochs: Optional[int] = None          # None: from the preset
     batch_size: Optional[int] = None      # None: from the preset
-    lr: Optional[float] = None            # peak learning rate; None: from the preset
+    lr: Optional[float] = None            # peak learning rate (Muon: of what stays on SGD); None: from the preset
+    optimizer: Optional[str] = None       # sgd or muon (on the conv filters); None: from the preset
+    muon_lr: Optional[float] = None       # Muon's peak learning rate; None: from the preset
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
     seed: int = 0
@@ -103,6 +106,8 @@ class TrainConfig:
                                   + (f" in the {where}" if where else ""))
         file = {k: v for k, v in (file or {}).items() if k != "sources"}
         resumed = {k: v for k, v in (resumed or {}).items() if k in RESUMED}
+        if resumed and "optimizer" not in resumed:  # saved before the recipe named its optimizer: SGD
+            resumed.update(optimizer="sgd", muon_lr=None)
         if resumed:
             refuse_contradictions(resumed, explicit)
         values, sources = {}, {}
@@ -227,11 +232,16 @@ def validate(c):
                           ("device", ("auto",) + DEVICE_TYPES), ("compile", ("auto", "on", "off")),
                           ("fused_norm", ("auto", "on", "off"))):
         _check(getattr(c, name) in choices, name, f"must be one of {', '.join(choices)} (got {getattr(c, name)!r})")
+    _check(c.optimizer is None or c.optimizer in OPTIMIZERS, "optimizer",
+           f"must be one of {', '.join(OPTIMIZERS)} (got {c.optimizer!r})")
     _check(c.arch is None or c.arch in ARCHS, "arch", f"must be one of {', '.join(sorted(ARCHS))} (got {c.arch!r})")
     _check(c.epochs is None or (_is_int(c.epochs) and c.epochs >= 1), "epochs", "must be a whole number, at least 1")
     _check(c.batch_size is None or (_is_int(c.batch_size) and c.batch_size >= 1), "batch_size",
            "must be a whole number, at least 1")
     _check(c.lr is None or (_is_num(c.lr) and c.lr > 0), "lr", "must be a positive number")
+    _check(c.muon_lr is None or (_is_num(c.muon_lr) and c.muon_lr > 0), "muon_lr", "must be a positive number")
+    if c.optimizer == "muon" and c.muon_lr is None:
+        raise ConfigError(f"--optimizer muon needs --muon-lr (the {c.preset} preset has no measured one for {c.norm})")
     _check(_is_num(c.weight_decay) and c.weight_decay >= 0, "weight_decay", "must be a number, not negative")
     _check(_is_num(c.label_smoothing) and 0 <= c.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
     _check(_is_int(c.seed) and c.seed >= 0, "seed", "must be a whole number, not negative")

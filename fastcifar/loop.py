@@ -23,6 +23,7 @@ from .evaluate import evaluate, per_class_accuracy, tta_logits
 from .execution import Execution, check_fused, configure_backends, describe_device, plan
 from .io import atomic_write_json
 from .models import PARAM_BUDGET, count_params, make_model
+from .optim import make_optimizer
 from .plots import plot_curves, plot_misclassified
 from .rundir import claim, new_run_dir, point_latest
 
@@ -81,15 +82,6 @@ def lr_at(step, total, warmup):
     if step < warmup:
         return (step + 1) / warmup
     return max(0.0, (total - step) / max(1, total - warmup))
-
-
-def make_optimizer(model, cfg, fused=False):
-    """Nesterov SGD; no weight decay on norm affine parameters and biases: it only fights the normalization.
-    fused=True (the fp16 path) lets the grad scaler skip its per-step host sync on inf checks."""
-    trained = [p for p in model.parameters() if p.requires_grad]  # the whitening stem's filters stay frozen
-    return torch.optim.SGD([{"params": [p for p in trained if p.ndim > 1], "weight_decay": cfg.weight_decay},
-                            {"params": [p for p in trained if p.ndim <= 1], "weight_decay": 0.0}],
-                           lr=cfg.lr, momentum=0.9, nesterov=True, **({"fused": True} if fused else {}))
 
 
 def default_model(cfg, fused):
@@ -329,7 +321,8 @@ def start_metrics(run, params, within_budget):
         "loader": cfg.loader, "amp": ex.precision != "fp32", "precision": ex.precision, "grad_scaler": ex.grad_scaler,
         "amp_requested": cfg.amp, "compile": ex.compile, "compile_requested": cfg.compile,
         "cuda_graphs": cfg.cuda_graphs, "fused_norm": run.fused, "fused_norm_fallback": run.fused_fallback,
-        "preset": cfg.preset, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
+        "preset": cfg.preset, "batch_size": cfg.batch_size, "lr": cfg.lr, "optimizer": cfg.optimizer,
+        "muon_lr": cfg.muon_lr, "seed": cfg.seed,
         "target_acc": cfg.target_acc, "stop_at_target": cfg.stop_at_target, "tta": cfg.tta,
         "steps_per_epoch": len(run.train_loader), "torch_threads": torch.get_num_threads(),
         "compile_time_s": run.compile_time, "whiten_fit_time_s": run.fit_time, "status": "running",

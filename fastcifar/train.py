@@ -18,6 +18,7 @@ from .device import ConfigError
 from .execution import describe_device, plan
 from .loop import assign_out, configure, fit
 from .models import ARCHS, NORMS
+from .optim import OPTIMIZERS
 
 S = argparse.SUPPRESS  # a flag left out is absent from the namespace: the layers below decide its value
 
@@ -34,6 +35,10 @@ def build_parser():
     recipe.add_argument("--epochs", type=int, help="default: the preset's (fast: bn 2, gn and ln 3; best: 20)")
     recipe.add_argument("--batch-size", type=int, help="default: the preset's (128)")
     recipe.add_argument("--lr", type=float, help="peak learning rate (default: the preset's, per norm)")
+    recipe.add_argument("--optimizer", choices=OPTIMIZERS,
+                        help="sgd (Nesterov) or muon (orthogonalized momentum on the conv filters, Nesterov SGD on "
+                             "the rest); default: the preset's")
+    recipe.add_argument("--muon-lr", type=float, help="Muon's peak learning rate (default: the preset's, per norm)")
     recipe.add_argument("--weight-decay", type=float, help="default: 5e-4")
     recipe.add_argument("--label-smoothing", type=float, help="default: 0.1")
     recipe.add_argument("--seed", type=int, help="default: 0")

@@ -31,19 +31,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m research.screen", description=__doc__.split("\n")[0])
     p.add_argument("--layout", help="arch name or layout spec (default: the preset's arch)")
     p.add_argument("--eval-epochs", default="", help="comma-separated epochs to score (the last always is)")
-    p.add_argument("--optimizer", choices=["sgd", "muon"], default="sgd",
-                   help="muon: research/muon.py on the conv filters, the preset's SGD on the rest")
-    p.add_argument("--muon-lr", type=float, default=0.05, help="Muon's peak learning rate (the schedule scales it)")
     a = p.parse_args(ours)
     cfg, saved = resolved(train_argv)
-    optimizer = None
-    if a.optimizer == "muon":
-        from research.muon import muon_factory
-        optimizer = muon_factory(a.muon_lr)
     r = fit(cfg, checkpoint=saved, model_factory=layout_factory(a.layout) if a.layout else None,
-            optimizer_factory=optimizer, eval_epochs=[int(e) for e in a.eval_epochs.split(",") if e])
+            eval_epochs=[int(e) for e in a.eval_epochs.split(",") if e])
     m = r.metrics
-    out = {"layout": a.layout or cfg.arch, "optimizer": a.optimizer, "muon_lr": a.muon_lr if optimizer else None,
+    out = {"layout": a.layout or cfg.arch, "optimizer": cfg.optimizer, "muon_lr": cfg.muon_lr,
            "train_argv": train_argv, "final_test_acc": m["final_test_acc"],
            "params": m["params"], "train_time_s": m["history"][-1]["train_time_s"],
            "train_acc": m["history"][-1]["train_acc"], "scored": [(h["epoch"], h["test_acc"]) for h in m["history"]]}

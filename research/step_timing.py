@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from fastcifar.config import TrainConfig
 from fastcifar.execution import cpu_has_native_bf16
-from fastcifar.loop import make_optimizer
+from fastcifar.optim import make_optimizer
 from fastcifar.models import count_params
 from benchmarks.throughput import TRAIN_IMAGES
 from research.screen import layout_factory

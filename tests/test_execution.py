@@ -10,7 +10,7 @@ import torch
 from fastcifar.config import TrainConfig
 from fastcifar.device import ConfigError
 from fastcifar.execution import DeviceInfo, check_fused, describe_device, plan
-from fastcifar.loop import make_optimizer
+from fastcifar.optim import make_optimizer
 from fastcifar.models import make_model
 
 GPUS = {  # capability -> (name, native bf16)

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from fastcifar.models import (ARCHS, NORMS, PARAM_BUDGET, PatchWhitening, SeparableConv2d, StandardizedConv2d, count_params,
                               make_model)
 from fastcifar.config import TrainConfig
-from fastcifar.loop import make_optimizer
+from fastcifar.optim import make_optimizer
 
 
 # the counts the README and results report; norms cost the same 2*C parameters in every variant

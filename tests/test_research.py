@@ -2,11 +2,9 @@
 import json
 import os
 
-import torch
-
 from fastcifar.config import TrainConfig
 from fastcifar.models import count_params
-from research import muon, screen, step_timing
+from research import screen, step_timing
 
 
 def test_a_layout_screen_scores_only_the_epochs_asked_for(tmp_path, small_source, capsys):
@@ -19,19 +17,6 @@ def test_a_layout_screen_scores_only_the_epochs_asked_for(tmp_path, small_source
     built = screen.layout_factory("d24p d32 d48p")(TrainConfig.resolve(norm="gn"), False)
     assert rec["params"] == count_params(built) and "SCREEN" in capsys.readouterr().out
     assert json.load(open(os.path.join(out, "metrics.json")))["config"]["epochs"] == 3
-
-
-def test_the_muon_factory_orthogonalizes_conv_filters_and_keeps_sgd_elsewhere():
-    model = screen.layout_factory("lean")(TrainConfig.resolve(), False)
-    opt = muon.muon_factory(0.1)(model, TrainConfig.resolve(lr=0.2))
-    groups = {g["muon"]: g for g in opt.param_groups}
-    assert all(p.ndim == 4 for p in groups[True]["params"]) and groups[True]["lr"] == 0.1
-    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == \
-        sum(p.numel() for p in model.parameters() if p.requires_grad)
-    g = torch.randn(48, 32 * 9)
-    o = muon.orthogonalize(g)
-    s = torch.linalg.svdvals(o)
-    assert s.max() < 1.3 and s.min() > 0.5  # Newton-Schulz pushes every singular value towards 1
 
 
 def test_step_timing_prints_a_row_per_layout_and_norm(capsys):

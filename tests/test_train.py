@@ -16,6 +16,7 @@ from fastcifar.loop import fit
 from fastcifar.data.sources import CLASSES
 from fastcifar.device import ConfigError
 from fastcifar.models import make_model
+from fastcifar.optim import make_optimizer
 
 HISTORY_KEYS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "train_time_s"}
 REQUIRED = {"norm", "params", "epochs_run", "within_budget", "device", "dataset", "history",
@@ -174,7 +175,7 @@ def test_resume_loads_to_the_cpu_and_restores_cpu_rng_states(tmp_path, small_sou
     monkeypatch.setattr(torch, "set_rng_state", lambda s: got.setdefault("cpu", s))
     cfg, ckpt = loop.configure(resume=part, device="cpu")  # loaded once, to the CPU
     model = make_model("bn", "separable")  # the best preset's layout for bn
-    opt = loop.make_optimizer(model, cfg)
+    opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     loader = type("L", (), {"load_state_dict": lambda self, s: got.setdefault("loader", s["generator"]),
                             "state_dict": lambda self: {"generator": torch.Generator().get_state()}})()
