@@ -52,7 +52,7 @@ def summary(cfg):
     hit = [r["epochs_to_target"] for r in runs if r.get("epochs_to_target")]
     steps = TRAIN_IMAGES // cfg.batch_size
     return {"preset": cfg.preset, "norm": cfg.norm, "arch": cfg.arch, "batch_size": cfg.batch_size, "lr": cfg.lr,
-            "epochs": cfg.epochs, "record": RECORDS[cfg.preset][cfg.norm], "runs": len(runs),
+            "optimizer": cfg.optimizer, "muon_lr": cfg.muon_lr, "epochs": cfg.epochs, "record": RECORDS[cfg.preset][cfg.norm], "runs": len(runs),
             "reached": sum(a >= cfg.target_acc for a in accs), "mean_acc": statistics.mean(accs) if accs else None,
             "min_acc": min(accs, default=None), "steps_per_epoch": steps,
             # a preset that stops at the target; the best preset's screens scored only some epochs
@@ -69,7 +69,9 @@ def main(argv=None):
     print(markdown_table(["preset", "norm", "device", "recipe", "record runs", "reached 70%", "mean (min)",
                           "steps to 70% (median)"],
                          [[r["preset"], r["norm"], r["device"],
-                           f"{r['arch']}, {r['epochs']} ep, batch {r['batch_size']}, lr {r['lr']}", r["runs"],
+                           f"{r['arch']}, {r['epochs']} ep, batch {r['batch_size']}, "
+                           + (f"Muon {r['muon_lr']} + SGD {r['lr']}" if r["optimizer"] == "muon" else f"SGD {r['lr']}"),
+                           r["runs"],
                            f"{r['reached']} / {r['runs']}", f"{pct(r['mean_acc'])} ({pct(r['min_acc'])})",
                            r["median_steps_to_target"] or "-"] for r in rows]))
     if a.json:

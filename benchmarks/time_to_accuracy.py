@@ -92,6 +92,10 @@ def parse_args(argv=None):
     p.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2",
                    help="training settings to sweep: --grid lr=0.1,0.2 batch_size=128,256 runs every combination "
                         "for every norm and seed (keys as for --set, e.g. arch, cutout, epochs)")
+    p.add_argument("--points", nargs="+", default=[], metavar="KEY=V,KEY=V",
+                   help="grid points given whole, for recipes that differ in several settings: --points "
+                        "optimizer=sgd,epochs=3 epochs=2,batch_size=96 (an empty string: the preset as it is); "
+                        "run interleaved like --grid's, so their times compare side by side")
     p.add_argument("--accuracy-only", action="store_true",
                    help="report accuracies and success rates but no times, so that runs may share machines and "
                         "GPUs (--executor ray, fractional --gpus-per-run)")
@@ -121,7 +125,9 @@ def parse_args(argv=None):
         p.error("--limit and --threads must be at least 1")
     args.norm = list(dict.fromkeys(args.norm))
     try:
-        args.configs = parse_grid(args.grid)
+        if args.grid and args.points:
+            raise ValueError("--grid and --points: give one of them")
+        args.configs = parse_points(args.points) if args.points else parse_grid(args.grid)
         args.fixed = parse_settings(args.settings)
     except ValueError as e:
         p.error(str(e))
@@ -188,6 +194,22 @@ def parse_grid(items):
     return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
 
 
+def parse_points(items):
+    """['optimizer=sgd,epochs=3', ''] -> [{'optimizer': 'sgd', 'epochs': 3}, {}]: one grid point each."""
+    points = []
+    for item in items:
+        point = {}
+        for part in filter(None, (x.strip() for x in item.split(","))):
+            key, values = _setting(part, "--points")
+            if len(values) != 1 or key in point:
+                raise ValueError(f"--points {item!r}: each key once, with one value")
+            point[key] = values[0]
+        if point in points:
+            raise ValueError(f"--points gives {item!r} twice")
+        points.append(point)
+    return points
+
+
 def group_label(norm, config):
     return " ".join([norm] + [f"{k}={v}" for k, v in config.items()])
 
@@ -210,7 +232,7 @@ def run_settings(args, norm, seed, data, out, device):
 
 
 RUN_KEYS = ("params", "within_budget", "device", "amp", "precision", "compile", "fused_norm", "fused_norm_fallback",
-            "preset", "batch_size", "lr", "tta", "whiten_fit_time_s", "epochs_planned", "epochs_run", "steps_per_epoch",
+            "preset", "batch_size", "lr", "optimizer", "muon_lr", "tta", "whiten_fit_time_s", "epochs_planned", "epochs_run", "steps_per_epoch",
             "torch_threads", "time_to_target_s", "epochs_to_target", "steps_to_target", "final_test_acc",
             "best_test_acc", "compile_time_s", "eval_time_s", "history")
 

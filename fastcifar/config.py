@@ -122,6 +122,8 @@ class TrainConfig:
         for k in FROM_PRESET[:-1]:
             if values.get(k) is None:
                 values[k], sources[k] = preset_value(preset, k, norm, dev), f"preset {preset} ({dev})"
+        if values["optimizer"] != "muon" and sources["muon_lr"].startswith("preset"):
+            values["muon_lr"] = None  # a preset's Muon rate does not follow a switch to SGD
         if values.get("stop_at_target") is None:  # the preset's stop, only at its own epoch count
             values["stop_at_target"] = PRESETS[preset]["stop_at_target"] and \
                 values["epochs"] == preset_value(preset, "epochs", norm, dev)
@@ -240,6 +242,8 @@ def validate(c):
            "must be a whole number, at least 1")
     _check(c.lr is None or (_is_num(c.lr) and c.lr > 0), "lr", "must be a positive number")
     _check(c.muon_lr is None or (_is_num(c.muon_lr) and c.muon_lr > 0), "muon_lr", "must be a positive number")
+    if c.optimizer == "sgd" and c.muon_lr is not None:
+        raise ConfigError("--muon-lr applies only with --optimizer muon")
     if c.optimizer == "muon" and c.muon_lr is None:
         raise ConfigError(f"--optimizer muon needs --muon-lr (the {c.preset} preset has no measured one for {c.norm})")
     _check(_is_num(c.weight_decay) and c.weight_decay >= 0, "weight_decay", "must be a number, not negative")

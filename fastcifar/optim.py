@@ -67,9 +67,9 @@ def orthogonalize(mats, steps=5, eps=1e-7):
         rows, cols = max(w.shape[0] for w in wide), max(w.shape[1] for w in wide)
         x = torch.stack([torch.nn.functional.pad(w, (0, cols - w.shape[1], 0, rows - w.shape[0])) for w in wide])
         x = x / (x.norm(dim=(1, 2), keepdim=True) + eps)
-        for _ in range(steps):
+        for _ in range(steps):  # x <- a x + (b s + c s^2) x, s = x x^T, in two fused multiply-adds
             s = x @ x.mT
-            x = a * x + (b * s + c * s @ s) @ x
+            x = torch.baddbmm(x, torch.baddbmm(s, s, s, beta=b, alpha=c), x, beta=a)
         for k, i, w in zip(range(len(idx)), idx, wide):
             o = x[k, :w.shape[0], :w.shape[1]]
             out[i] = o.T if mats[i].shape[0] > mats[i].shape[1] else o

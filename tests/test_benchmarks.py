@@ -369,7 +369,27 @@ def test_grid_expands_into_runs_with_its_training_flags(betons, tmp_path, monkey
                               "niceness": os.nice(0)} for r in res["runs"])
 
 
+def test_points_are_whole_recipes_run_interleaved(betons, tmp_path, monkeypatch):
+    seen = []
+    fake = fake_fit({0: 1.0, 1: 2.0})
+
+    def fit(cfg):
+        seen.append((cfg.seed, cfg.optimizer, cfg.muon_lr, cfg.epochs))
+        return fake(cfg)
+
+    monkeypatch.setattr(TA, "fit", fit)
+    out = tmp_path / "points"
+    assert TA.main(["--data", betons, "--out", str(out), "--norm", "gn", "--seeds", "2", "--no-warmup",
+                     "--target", "0.4", "--points", "", "optimizer=muon,muon_lr=0.2,epochs=1"]) == 0
+    preset = TrainConfig.resolve(norm="gn")
+    assert seen == [(s, *p) for s in (0, 1) for p in ((preset.optimizer, preset.muon_lr, preset.epochs),
+                                                      ("muon", 0.2, 1))]
+    assert list(load(out)["norms"]) == ["gn", "gn optimizer=muon muon_lr=0.2 epochs=1"]
+
+
 @pytest.mark.parametrize("bad, message", [
+    (["--points", "lr=1,lr=2"], "each key once"), (["--points", "lr=1", "lr=1"], "twice"),
+    (["--points", "lr=1", "--grid", "lr=2"], "one of them"),
     (["--grid", "lr"], "KEY=V1,V2"), (["--grid", "lr="], "KEY=V1,V2"), (["--grid", "seed=1,2"], "--seeds"),
     (["--grid", "lr=1", "lr=2"], "twice"), (["--set", "lr=1,2"], "one value"), (["--set", "out=x"], "--out"),
     (["--gpus-per-run", "1"], "only with --executor ray"),

@@ -139,3 +139,32 @@ def test_a_run_saved_before_the_recipe_named_its_optimizer_resumes_with_sgd():
     assert (cfg.optimizer, cfg.muon_lr, cfg.sources["optimizer"]) == ("sgd", None, "resumed run")
     muon = TrainConfig.resolve(resumed=TrainConfig.resolve(optimizer="muon", muon_lr=0.3).to_dict())
     assert (muon.optimizer, muon.muon_lr) == ("muon", 0.3)
+
+
+def test_muon_lr_goes_with_muon():
+    from fastcifar.device import ConfigError
+    with pytest.raises(ConfigError, match="only with --optimizer muon"):
+        TrainConfig.resolve(optimizer="sgd", muon_lr=0.2)
+    cfg = TrainConfig.resolve(optimizer="muon", muon_lr=0.2).replace(optimizer="sgd", muon_lr=None)
+    assert (cfg.optimizer, cfg.muon_lr) == ("sgd", None)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_fp16_muon_matches_the_cpu_and_skips_inf_steps_without_a_sync():
+    torch.manual_seed(0)
+    cpu = make_model("bn", "lean")
+    gpu = make_model("bn", "lean").cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    cfg = TrainConfig.resolve(optimizer="muon", muon_lr=0.2)
+    oc, og = make_optimizer(cpu, cfg), make_optimizer(gpu, cfg, fused=True)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    torch.nn.functional.cross_entropy(cpu(x), y).backward()
+    oc.step()
+    scaler = torch.amp.GradScaler("cuda", init_scale=256.0)
+    assert scaled_step(gpu, og, scaler, x.cuda(), y.cuda()) == []
+    for pc, pg in zip(cpu.parameters(), gpu.parameters()):
+        assert torch.allclose(pc, pg.cpu(), atol=1e-3)  # TF32 and cuDNN: agreement to float noise
+    before = [p.detach().clone() for p in gpu.parameters()]
+    assert scaled_step(gpu, og, scaler, x.cuda(), y.cuda(), poison=True) == []
+    assert all(torch.equal(b, p) for b, p in zip(before, gpu.parameters()))

@@ -21,6 +21,6 @@ def test_a_layout_screen_scores_only_the_epochs_asked_for(tmp_path, small_source
 
 def test_step_timing_prints_a_row_per_layout_and_norm(capsys):
     step_timing.main(["--layout", "lean", "--norm", "bn", "ln", "--steps", "1", "--warmup", "0", "--batch", "8",
-                      "--threads", "1"])
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("lean")]
-    assert len(rows) == 2 and all(float(r.split()[3]) > 0 for r in rows)
+                      "--threads", "1", "--optimizer", "sgd", "muon"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("lean")]
+    assert [r[3] for r in rows] == ["sgd", "muon"] * 2 and all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows)

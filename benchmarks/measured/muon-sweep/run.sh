@@ -1,3 +1,6 @@
+# recorded at commit 4fdba5a, where research/muon.py held the optimizer (git show 4fdba5a:research/muon.py);
+# it is now fastcifar/optim.py, and the Muon runs' recipe is the trainer's own flags:
+#   python -m fastcifar.train --norm bn --amp --optimizer muon --muon-lr 0.225 --seed S --threads 2 ...
 # run from the repository root; each screen writes runs/muon-sweep/<run>/screen.json
 for seed in $(seq 20 39); do
   for opt in sgd muon; do
