@@ -109,14 +109,18 @@ def measure(arch, norm, precision, args, device):
     x = torch.randn(b, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (b,), device=device)
 
-    def step():
+    def forward_backward():
         with autocast(device, precision):
             loss = F.cross_entropy(model(x).float(), y, label_smoothing=0.1)
         loss.backward()
+
+    def step():
+        forward_backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    flops = count_flops(step) / b
+    flops = count_flops(forward_backward) / b  # the network's; Muon's Newton-Schulz is per step, not per image
+    opt.zero_grad(set_to_none=True)
     step_s = timed(step, args.steps, args.warmup, args.repeats, device)
 
     # each conv at the input shape it meets in the model

@@ -32,12 +32,12 @@ def build_parser():
                         help="fast (default): the lean network, short schedule, stop at the target; best: 20 "
                              "epochs of the separable network")
     recipe.add_argument("--arch", choices=sorted(ARCHS), help="network layout (default: the preset's)")
-    recipe.add_argument("--epochs", type=int, help="default: the preset's (fast: bn 2, gn and ln 3; best: 20)")
-    recipe.add_argument("--batch-size", type=int, help="default: the preset's (128)")
+    recipe.add_argument("--epochs", type=int, help="default: the preset's (fast: bn and ln 2, gn 3; best: 20)")
+    recipe.add_argument("--batch-size", type=int, help="default: the preset's (128; fast ln: 96)")
     recipe.add_argument("--lr", type=float, help="peak learning rate (default: the preset's, per norm)")
     recipe.add_argument("--optimizer", choices=OPTIMIZERS,
                         help="sgd (Nesterov) or muon (orthogonalized momentum on the conv filters, Nesterov SGD on "
-                             "the rest); default: the preset's")
+                             "the rest); default: the preset's (fast bn and ln: muon)")
     recipe.add_argument("--muon-lr", type=float, help="Muon's peak learning rate (default: the preset's, per norm)")
     recipe.add_argument("--weight-decay", type=float, help="default: 5e-4")
     recipe.add_argument("--label-smoothing", type=float, help="default: 0.1")
