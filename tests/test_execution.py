@@ -106,7 +106,7 @@ def test_the_grad_scaler_step_makes_no_host_sync():
     scale itself; the fp16 path builds a fused SGD, which does."""
     torch.manual_seed(0)
     model = make_model("bn", "lean")
-    opt = make_optimizer(model, TrainConfig.resolve(), fused=True)
+    opt = make_optimizer(model, TrainConfig.resolve(optimizer="sgd"), fused=True)
     assert opt._step_supports_amp_scaling
     scaler = torch.amp.GradScaler("cpu")
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
@@ -127,7 +127,7 @@ def test_the_grad_scaler_step_makes_no_host_sync():
         opt.zero_grad()
     assert calls == []
     # the unfused optimizer would sync: the check above can fail
-    opt = make_optimizer(model, TrainConfig.resolve())
+    opt = make_optimizer(model, TrainConfig.resolve(optimizer="sgd"))
     loss = torch.nn.functional.cross_entropy(model(x), y)
     scaler.scale(loss).backward()
     torch.Tensor.item = counting
