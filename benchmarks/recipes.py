@@ -52,7 +52,8 @@ def summary(cfg):
     hit = [r["epochs_to_target"] for r in runs if r.get("epochs_to_target")]
     steps = TRAIN_IMAGES // cfg.batch_size
     return {"preset": cfg.preset, "norm": cfg.norm, "arch": cfg.arch, "batch_size": cfg.batch_size, "lr": cfg.lr,
-            "optimizer": cfg.optimizer, "muon_lr": cfg.muon_lr, "epochs": cfg.epochs, "record": RECORDS[cfg.preset][cfg.norm], "runs": len(runs),
+            "optimizer": cfg.optimizer, "muon_lr": cfg.muon_lr, "epochs": cfg.epochs,
+            "record": RECORDS[cfg.preset][cfg.norm], "runs": len(runs),
             "reached": sum(a >= cfg.target_acc for a in accs), "mean_acc": statistics.mean(accs) if accs else None,
             "min_acc": min(accs, default=None), "steps_per_epoch": steps,
             # a preset that stops at the target; the best preset's screens scored only some epochs

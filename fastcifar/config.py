@@ -43,8 +43,8 @@ RECORDS = {
     "best": {"bn": "benchmarks/measured/best-separable", "gn": "benchmarks/measured/best-separable-gnln",
              "ln": "benchmarks/measured/best-separable-gnln"},
 }
-RECIPE = ("norm", "preset", "arch", "epochs", "batch_size", "lr", "optimizer", "muon_lr", "weight_decay", "label_smoothing", "seed",
-          "target_acc", "stop_at_target", "tta", "cutout", "limit")
+RECIPE = ("norm", "preset", "arch", "epochs", "batch_size", "lr", "optimizer", "muon_lr", "weight_decay",
+          "label_smoothing", "seed", "target_acc", "stop_at_target", "tta", "cutout", "limit")
 EXECUTION = ("device", "amp", "compile", "cuda_graphs", "fused_norm", "threads", "loader")
 FILES = ("data", "beton_dir", "out", "overwrite", "quiet", "plots")
 FROM_PRESET = ("arch", "epochs", "batch_size", "lr", "optimizer", "muon_lr", "stop_at_target")
@@ -248,7 +248,8 @@ def validate(c):
     if c.optimizer == "sgd" and c.muon_lr is not None:
         raise ConfigError("--muon-lr applies only with --optimizer muon")
     if c.optimizer == "muon" and c.muon_lr is None:
-        raise ConfigError(f"--optimizer muon needs --muon-lr (the {c.preset} preset has no measured one for {c.norm})")
+        raise ConfigError(f"--optimizer muon needs --muon-lr "
+                          f"(the {c.preset} preset has no measured one for {c.norm})")
     _check(_is_num(c.weight_decay) and c.weight_decay >= 0, "weight_decay", "must be a number, not negative")
     _check(_is_num(c.label_smoothing) and 0 <= c.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
     _check(_is_int(c.seed) and c.seed >= 0, "seed", "must be a whole number, not negative")

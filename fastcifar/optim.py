@@ -119,7 +119,8 @@ class FilterMuon(torch.optim.Optimizer):
             updates = torch._foreach_add(grads, bufs, alpha=m)  # Nesterov
             if group["muon"]:
                 flat = [u.flatten(1) for u in updates]
-                updates = [o.reshape(p.shape).to(p.dtype) for o, p in zip(orthogonalize(flat, group["ns_steps"]), params)]
+                orth = orthogonalize(flat, group["ns_steps"])
+                updates = [o.reshape(p.shape).to(p.dtype) for o, p in zip(orth, params)]
                 torch._foreach_mul_(updates, [math.sqrt(max(1.0, f.shape[0] / f.shape[1])) for f in flat])
             if keep is not None:
                 torch._foreach_mul_(updates, keep)

@@ -4,8 +4,8 @@
         [--optimizer sgd muon]
 
 A median over timed steps at batch 128, after warm-up steps, and the optimizer's own share of a step; no data
-loading, no evaluation. Figures on a shared
-machine move by up to a third between runs: compare layouts within one run.
+loading, no evaluation. Figures on a shared machine move by up to a third between runs: compare layouts within
+one run.
 """
 import argparse
 import time
@@ -38,8 +38,11 @@ def step_seconds(model, batch, steps, warmup, amp, optimizer="sgd"):
         opt.zero_grad(set_to_none=True)
         opt_times.append(time.perf_counter() - t_opt)
         times.append(time.perf_counter() - t)
-    median = lambda v: sorted(v[warmup:])[len(v[warmup:]) // 2]  # noqa: E731
-    return median(times), median(opt_times)
+    return upper_median(times[warmup:]), upper_median(opt_times[warmup:])
+
+
+def upper_median(v):
+    return sorted(v)[len(v) // 2]
 
 
 def main(argv=None):

@@ -343,15 +343,20 @@ def test_throughput_counts_the_models_flops_and_times_both_ways(tmp_path):
 
 # ---------------------------------------------------------------- grids, executors, timing rules
 
-def test_grid_expands_into_runs_with_its_training_flags(betons, tmp_path, monkeypatch):
-    seen = []
-    fake = fake_fit({0: 1.0, 1: 2.0})
+def recording_fit(monkeypatch, fields):
+    """Patch the harness's fit with fake_fit that also records `fields` of every config it is given."""
+    seen, fake = [], fake_fit({0: 1.0, 1: 2.0})
 
     def fit(cfg):
-        seen.append((cfg.norm, cfg.seed, cfg.lr, cfg.label_smoothing))
+        seen.append(tuple(getattr(cfg, f) for f in fields))
         return fake(cfg)
 
     monkeypatch.setattr(TA, "fit", fit)
+    return seen
+
+
+def test_grid_expands_into_runs_with_its_training_flags(betons, tmp_path, monkeypatch):
+    seen = recording_fit(monkeypatch, ("norm", "seed", "lr", "label_smoothing"))
     out = tmp_path / "accuracy"
     assert TA.main(["--data", betons, "--out", str(out), "--norm", "bn", "gn", "--seeds", "2", "--no-warmup",
                      "--target", "0.4", "--grid", "lr=0.1,0.3", "label-smoothing=0"]) == 0
@@ -370,14 +375,7 @@ def test_grid_expands_into_runs_with_its_training_flags(betons, tmp_path, monkey
 
 
 def test_points_are_whole_recipes_run_interleaved(betons, tmp_path, monkeypatch):
-    seen = []
-    fake = fake_fit({0: 1.0, 1: 2.0})
-
-    def fit(cfg):
-        seen.append((cfg.seed, cfg.optimizer, cfg.muon_lr, cfg.epochs))
-        return fake(cfg)
-
-    monkeypatch.setattr(TA, "fit", fit)
+    seen = recording_fit(monkeypatch, ("seed", "optimizer", "muon_lr", "epochs"))
     out = tmp_path / "points"
     assert TA.main(["--data", betons, "--out", str(out), "--norm", "gn", "--seeds", "2", "--no-warmup",
                      "--target", "0.4", "--points", "", "optimizer=muon,muon_lr=0.2,epochs=1"]) == 0

@@ -126,7 +126,8 @@ def test_under_a_grad_scaler_muon_unscales_skips_inf_steps_and_never_syncs():
     before = {k: v.clone() for k, v in a.state_dict().items()}
     bufs = [oa.state[p]["momentum_buffer"].clone() for g in oa.param_groups for p in g["params"]]
     assert scaled_step(a, oa, scaler, x, y, poison=True) == []
-    assert all(torch.equal(before[k], v) for k, v in a.state_dict().items() if "running" not in k and "num_batches" not in k)
+    assert all(torch.equal(before[k], v) for k, v in a.state_dict().items()
+               if "running" not in k and "num_batches" not in k)  # BN statistics do move in the forward pass
     assert all(torch.equal(u, oa.state[p]["momentum_buffer"]) for u, p in
                zip(bufs, (p for g in oa.param_groups for p in g["params"])))
     assert scaler.get_scale() == 512.0  # the scaler saw the inf and backed off
