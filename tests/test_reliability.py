@@ -55,6 +55,7 @@ import pytest
 from conftest import make_tar, write_image_folder
 from fastcifar.checkpoint import load_checkpoint
 from fastcifar.data import DataError, ensure_betons, prepare_betons, read_beton, read_source
+from fastcifar.data.arrays import ensure_arrays
 from fastcifar.data.beton import MANIFEST, MARKER, check_manifest
 from fastcifar.data.sources import source_fingerprint
 from conftest import write_official  # noqa: E402
@@ -74,9 +75,11 @@ import errno, json, os, runpy, signal, sys, time
 # a shell's background job starts with SIGINT ignored; a user's Ctrl-C meets Python's default handler
 signal.signal(signal.SIGINT, signal.default_int_handler)
 hook = json.loads(os.environ.get("RELIABILITY_HOOK") or "{}")
-# ffcv's numba JIT costs each child about 4 s and decides nothing these tests check (same batches either way)
-from ffcv.pipeline.compiler import Compiler
-Compiler.set_enabled(False)
+# ffcv's numba JIT costs each child about 4 s and decides nothing these tests check (same batches either way);
+# training from an array folder never imports ffcv, whose import alone compiles for 4-10 s
+if sys.argv[1] == "fastcifar.data" or "--beton-dir" in sys.argv:
+    from ffcv.pipeline.compiler import Compiler
+    Compiler.set_enabled(False)
 at, nth = hook.get("at"), hook.get("n", 1)
 sig = getattr(signal, hook.get("signal", "SIGKILL"))
 seen = {"n": 0}
@@ -234,12 +237,14 @@ def spawn(module, *args, hook=None, new_session=False):
 
 
 def train(source, betons, out, *extra, hook=None):
-    return child("fastcifar.train", "--data", source, "--beton-dir", betons, "--out", out, *TRAIN_ARGS, *extra,
-                 hook=hook)
+    """A training run on `source` (an image folder, converted into `betons`; None: source is an array folder)."""
+    where = ["--beton-dir", betons] if betons else []
+    return child("fastcifar.train", "--data", source, *where, "--out", out, *TRAIN_ARGS, *extra, hook=hook)
 
 
 def resume(source, betons, out):
-    return child("fastcifar.train", "--resume", out, "--data", source, "--beton-dir", betons, *TRAIN_ARGS)
+    where = ["--beton-dir", betons] if betons else []
+    return child("fastcifar.train", "--resume", out, "--data", source, *where, *TRAIN_ARGS)
 
 
 def show(r):
@@ -276,11 +281,19 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny, tmp_path_factory):
+def arrays(tiny, tmp_path_factory):
+    """The same images as plain arrays: the killed-training tests are about files and signals, and a child
+    that reads arrays starts without ffcv (the same batches as from the betons: the conversion tests compare)."""
+    folder = str(tmp_path_factory.mktemp("arrays") / "cache")
+    ensure_arrays(tiny[0], folder, progress=lambda s: None)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(arrays, tmp_path_factory):
     """The uninterrupted run every interrupted one must end up equal to."""
-    source, _, betons = tiny
     out = str(tmp_path_factory.mktemp("reference") / "out")
-    r = train(source, betons, out)
+    r = train(arrays, None, out)
     assert r.returncode == 0, show(r)
     m = json.load(open(os.path.join(out, "metrics.json")))
     assert m["status"] == "done" and m["epochs_run"] == EPOCHS
@@ -296,8 +309,8 @@ def test_reference_run_is_complete_and_honours_threads(reference):
 
 # ---------------------------------------------------------------- killed training
 
-def _killed_then_resumed(tmp_path, tiny, reference, at, n, sig, ckpt_epoch):
-    source, _, betons = tiny
+def _killed_then_resumed(tmp_path, arrays, reference, at, n, sig, ckpt_epoch):
+    source, betons = arrays, None
     out = str(tmp_path / "out")
     r = train(source, betons, out, hook={"at": at, "n": n, "signal": sig})
     assert "HOOK" in r.stdout, "the kill point was never reached\n" + show(r)
@@ -340,13 +353,13 @@ KILLS = [
 
 
 @pytest.mark.parametrize("at,n,sig,ckpt_epoch", KILLS)
-def test_killed_training_resumes_to_the_same_result(tmp_path, tiny, reference, at, n, sig, ckpt_epoch):
-    _killed_then_resumed(tmp_path, tiny, reference, at, n, sig, ckpt_epoch)
+def test_killed_training_resumes_to_the_same_result(tmp_path, arrays, reference, at, n, sig, ckpt_epoch):
+    _killed_then_resumed(tmp_path, arrays, reference, at, n, sig, ckpt_epoch)
 
 
 @pytest.mark.slow
-def test_killed_before_the_first_checkpoint(tmp_path, tiny, reference):
-    source, _, betons = tiny
+def test_killed_before_the_first_checkpoint(tmp_path, arrays, reference):
+    source, betons = arrays, None
     out = str(tmp_path / "out")
     r = train(source, betons, out, hook={"at": "ckpt_partial", "n": 1})
     assert r.returncode == -signal.SIGKILL and "HOOK" in r.stdout, show(r)
@@ -359,15 +372,14 @@ def test_killed_before_the_first_checkpoint(tmp_path, tiny, reference):
 
 
 @pytest.mark.slow
-def test_killed_while_plotting_after_the_last_epoch(tmp_path, tiny, reference):
-    source, _, betons = tiny
+def test_killed_while_plotting_after_the_last_epoch(tmp_path, arrays, reference):
+    source = arrays
     out = str(tmp_path / "out")
     plots = [a for a in TRAIN_ARGS if a != "--no-plots"]
-    r = child("fastcifar.train", "--data", source, "--beton-dir", betons, "--out", out, *plots,
-              hook={"at": "plotting"})
+    r = child("fastcifar.train", "--data", source, "--out", out, *plots, hook={"at": "plotting"})
     assert r.returncode == -signal.SIGKILL and "HOOK plotting" in r.stdout, show(r)
     assert assert_nothing_corrupt(out) == EPOCHS and history(out) == reference[0]
-    r = child("fastcifar.train", "--resume", out, "--data", source, "--beton-dir", betons, *plots)
+    r = child("fastcifar.train", "--resume", out, "--data", source, *plots)
     assert r.returncode == 0, show(r)
     assert json.load(open(os.path.join(out, "metrics.json")))["status"] == "done"
     assert os.path.getsize(os.path.join(out, "curves.png")) > 0
@@ -375,11 +387,11 @@ def test_killed_while_plotting_after_the_last_epoch(tmp_path, tiny, reference):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("delay", [0.0, 0.3])
-def test_sigkill_from_outside_after_epoch_one(tmp_path, tiny, reference, delay):
+def test_sigkill_from_outside_after_epoch_one(tmp_path, arrays, reference, delay):
     """No hook: the kill lands wherever the child happens to be (evaluating, saving, training epoch 2)."""
-    source, _, betons = tiny
+    source, betons = arrays, None
     out = str(tmp_path / "out")
-    p = spawn("fastcifar.train", "--data", source, "--beton-dir", betons, "--out", out, *TRAIN_ARGS)
+    p = spawn("fastcifar.train", "--data", source, "--out", out, *TRAIN_ARGS)
     try:
         for line in p.stdout:
             if line.startswith("epoch  1"):
@@ -557,8 +569,8 @@ def _umount(path):
     subprocess.run(["umount", "-l", path], capture_output=True)
 
 
-def _disk_full_at_checkpoint(tmp_path, tiny, reference, real):
-    source, _, betons = tiny
+def _disk_full_at_checkpoint(tmp_path, arrays, reference, real):
+    source, betons = arrays, None
     disk = str(tmp_path / "disk")
     mounted = real and _mount_tmpfs(disk, "16m")
     try:
@@ -581,8 +593,8 @@ def _disk_full_at_checkpoint(tmp_path, tiny, reference, real):
             _umount(disk)
 
 
-def test_disk_full_at_checkpoint_keeps_the_previous_one(tmp_path, tiny, reference):
-    _disk_full_at_checkpoint(tmp_path, tiny, reference, real=True)
+def test_disk_full_at_checkpoint_keeps_the_previous_one(tmp_path, arrays, reference):
+    _disk_full_at_checkpoint(tmp_path, arrays, reference, real=True)
 
 
 def test_disk_full_during_conversion_fails_fast(tmp_path, tiny):
