@@ -38,7 +38,8 @@ Hostile input, 30 corruptions each (1..8 bytes xor-ed with random non-zero value
   beton files 20/20 refused by the sha256 check, manifest 10/10 refused. Plus 3 damaged manifests that still
   parse as JSON. Slow: raw ffcv reads of 20 damaged betons in one subprocess with a time limit: all 20
   decode without complaint (ffcv has no checksum), which is why betons are only trusted through the manifest.
-Every child but that last test's runs with ffcv's numba JIT off (plain Python, the same batches): it saves
+Killed-training runs read an array folder of the same images, so they never import ffcv; every other child
+but that last test's runs with ffcv's numba JIT off (plain Python, the same batches): it saves
 about 4 s a process and these tests are about files and signals, not decoding speed.
 """
 import json
