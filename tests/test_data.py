@@ -79,6 +79,7 @@ def test_class_folders_follow_official_order(tmp_path):
     assert ds.splits["train"].labels.tolist() == list(range(10))
 
 
+@pytest.mark.slow  # reads all 60,000 images
 @pytest.mark.skipif(not os.path.exists(SHARED_JPEG), reason="the shared CIFAR-10 JPEG copy is not beside the repo")
 def test_shared_jpeg_copy_reads_fully():
     ds = read_source(SHARED_JPEG)
