@@ -126,8 +126,7 @@ def strip_history(m):
     return [(h["epoch"], h["train_loss"], h["train_acc"], h["test_loss"], h["test_acc"]) for h in m["history"]]
 
 
-# the ffcv case pays a worker pool and numba JIT; the resident case checks the same resume logic in every run
-@pytest.mark.parametrize("loader", ["resident", pytest.param("ffcv", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("loader", ["resident", "ffcv"])
 def test_resume_matches_uninterrupted_run(tmp_path, small_source, loader):
     # ffcv orders each epoch by seed + its epoch counter, which a resumed run must restore
     common = ["--preset", "best", "--epochs", "3", "--no-plots", "--seed", "2", "--loader", loader]
