@@ -19,9 +19,10 @@ from fastcifar.models import ARCHS, Layout, make_model
 from fastcifar.train import resolved
 
 
-def layout_factory(layout):
-    """A model factory for fit(): the named arch, or a parsed spec, built with the run's norm."""
-    arch = layout if layout in ARCHS else Layout.parse(layout)
+def layout_factory(layout, stem_stride=1):
+    """A model factory for fit(): the named arch, or a parsed spec on a stem of that stride, built with the
+    run's norm."""
+    arch = layout if layout in ARCHS else Layout.parse(layout, stem_stride)
     return lambda cfg, fused: make_model(cfg.norm, arch, fused=fused)
 
 
@@ -30,13 +31,15 @@ def main(argv=None):
     ours, train_argv = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     p = argparse.ArgumentParser(prog="python -m research.screen", description=__doc__.split("\n")[0])
     p.add_argument("--layout", help="arch name or layout spec (default: the preset's arch)")
+    p.add_argument("--stem-stride", type=int, choices=(1, 2), default=1,
+                   help="a spec's whitening-stem stride: 1 keeps 32x32 (deep, separable), 2 halves it (lean)")
     p.add_argument("--eval-epochs", default="", help="comma-separated epochs to score (the last always is)")
     a = p.parse_args(ours)
     cfg, saved = resolved(train_argv)
-    r = fit(cfg, checkpoint=saved, model_factory=layout_factory(a.layout) if a.layout else None,
+    r = fit(cfg, checkpoint=saved, model_factory=layout_factory(a.layout, a.stem_stride) if a.layout else None,
             eval_epochs=[int(e) for e in a.eval_epochs.split(",") if e])
     m = r.metrics
-    out = {"layout": a.layout or cfg.arch, "optimizer": cfg.optimizer, "muon_lr": cfg.muon_lr,
+    out = {"layout": a.layout or cfg.arch, "stem_stride": a.stem_stride, "optimizer": cfg.optimizer, "muon_lr": cfg.muon_lr,
            "train_argv": train_argv, "final_test_acc": m["final_test_acc"],
            "params": m["params"], "train_time_s": m["history"][-1]["train_time_s"],
            "train_acc": m["history"][-1]["train_acc"], "scored": [(h["epoch"], h["test_acc"]) for h in m["history"]]}

@@ -1,7 +1,7 @@
 """Training-step throughput of layouts on this machine: images per second and the time 20 epochs would take.
 
     python -m research.step_timing --layout separable deep8 "d36p d48 d64" --norm bn gn ln --threads 2 [--amp]
-        [--optimizer sgd muon]
+        [--optimizer sgd muon] [--stem-stride 2]
 
 A median over timed steps at batch 128, after warm-up steps, and the optimizer's own share of a step; no data
 loading, no evaluation. Figures on a shared machine move by up to a third between runs: compare layouts within
@@ -49,6 +49,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m research.step_timing", description=__doc__.split("\n")[0])
     p.add_argument("--layout", nargs="+", default=["separable"])
     p.add_argument("--norm", nargs="+", default=["bn", "gn", "ln"])
+    p.add_argument("--stem-stride", type=int, choices=(1, 2), default=1, help="a spec's whitening-stem stride")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=20)
@@ -64,7 +65,7 @@ def main(argv=None):
         for norm in a.norm:
             for optimizer in a.optimizer:
                 torch.manual_seed(0)
-                model = layout_factory(layout)(TrainConfig.resolve(norm=norm), False).train()
+                model = layout_factory(layout, a.stem_stride)(TrainConfig.resolve(norm=norm), False).train()
                 dt, dt_opt = step_seconds(model, a.batch, a.steps, a.warmup, amp, optimizer)
                 rate = a.batch / dt
                 print(f"{layout:36s} {norm:4s} {count_params(model):7,d} {optimizer:9s} {rate:7.0f}  "

@@ -96,6 +96,15 @@ def small_source(tmp_path_factory):
     return make_tar(str(root / "tree"), str(root / "small.tar.gz"))
 
 
+@pytest.fixture(scope="session")
+def small_arrays(small_source, tmp_path_factory):
+    """small_source read once into an array folder, for child runs whose subject is not betons: a child that
+    reads betons pays ffcv's numba start-up (10-14 s on a 2-core CPU), one that reads arrays never imports ffcv."""
+    from fastcifar.data import prepare_data
+    return prepare_data(small_source, str(tmp_path_factory.mktemp("small-arrays") / "arrays"), progress=lambda m: None,
+                        kind="arrays").folder
+
+
 @pytest.fixture(autouse=True)
 def _kernel_routes_follow_the_test_env():
     # the kernels read FASTCIFAR_KERNELS_DISABLE / TRITON_INTERPRET once per process; each test sets its own

@@ -121,9 +121,9 @@ def test_print_config_then_replay_it_on_another_device(tmp_path):
     assert replay["resolved_execution"]["compile"] is False
 
 
-def test_training_from_a_config_file_uses_its_recipe(tmp_path, small_source):
+def test_training_from_a_config_file_uses_its_recipe(tmp_path, small_arrays):
     from fastcifar.loop import fit
-    cfg = TrainConfig.resolve(norm="ln", lr=0.07, epochs=1, batch_size=32, limit=64, tta="off", data=small_source,
+    cfg = TrainConfig.resolve(norm="ln", lr=0.07, epochs=1, batch_size=32, limit=64, tta="off", data=small_arrays,
                               device="cpu", quiet=True, plots=False)
     (tmp_path / "c.json").write_text(json.dumps({"config": cfg.to_dict()}))
     r = cli("--config", str(tmp_path / "c.json"), "--out", str(tmp_path / "o"))

@@ -2,6 +2,8 @@
 import json
 import os
 
+import torch
+
 from fastcifar.config import TrainConfig
 from fastcifar.models import count_params
 from research import screen, step_timing
@@ -24,3 +26,14 @@ def test_step_timing_prints_a_row_per_layout_and_norm(capsys):
                       "--threads", "1", "--optimizer", "sgd", "muon"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("lean")]
     assert [r[3] for r in rows] == ["sgd", "muon"] * 2 and all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows)
+
+
+def test_a_spec_on_a_stride_2_stem_is_lean_when_it_spells_lean():
+    cfg = TrainConfig.resolve(norm="bn")
+    spelled = screen.layout_factory("c32p c32 c46p c46", stem_stride=2)(cfg, False)
+    lean = screen.layout_factory("lean")(cfg, False)
+    assert spelled.stem.stride == 2 and count_params(spelled) == count_params(lean)
+    assert screen.layout_factory("c32p c32 c46p c46")(cfg, False).stem.stride == 1
+    x = torch.randn(2, 3, 32, 32)
+    spelled.load_state_dict(lean.state_dict())
+    assert torch.equal(spelled.eval()(x), lean.eval()(x))

@@ -21,25 +21,25 @@ def main_error(argv, capsys=None):
     return msg
 
 
-def test_each_run_gets_its_own_folder_and_latest_points_at_the_newest(tmp_path, small_source, monkeypatch):
+def test_each_run_gets_its_own_folder_and_latest_points_at_the_newest(tmp_path, small_arrays, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    a = fit(data=small_source, **TINY)
-    b = fit(data=small_source, **TINY)
+    a = fit(data=small_arrays, **TINY)
+    b = fit(data=small_arrays, **TINY)
     assert a.out != b.out and os.path.dirname(a.out) == "runs" and os.path.basename(a.out).startswith("bn-fast-")
     assert os.path.isfile(os.path.join(a.out, "metrics.json")) and os.path.isfile(os.path.join(b.out, "model.pt"))
     assert os.path.realpath("runs/latest") == os.path.realpath(b.out)
     assert b.metrics["settings_from"]["out"] == loop.NEW_RUN_FOLDER
 
 
-def test_a_finished_run_is_not_overwritten_unless_asked(tmp_path, small_source):
+def test_a_finished_run_is_not_overwritten_unless_asked(tmp_path, small_arrays):
     out = str(tmp_path / "run")
-    first = fit(data=small_source, out=out, **TINY)
-    argv = ["--data", small_source, "--out", out, "--batch-size", "32", "--limit", "64", "--epochs", "1",
+    first = fit(data=small_arrays, out=out, **TINY)
+    argv = ["--data", small_arrays, "--out", out, "--batch-size", "32", "--limit", "64", "--epochs", "1",
             "--quiet", "--no-plots", "--device", "cpu", "--tta", "off"]
     msg = main_error(argv)
     assert msg.startswith(f"error: {out} already holds a run") and "--resume" in msg and "--overwrite" in msg
     assert load_checkpoint(os.path.join(out, "model.pt"))["history"] == first.metrics["history"]
-    again = fit(data=small_source, out=out, overwrite=True, seed=1, **TINY)
+    again = fit(data=small_arrays, out=out, overwrite=True, seed=1, **TINY)
     assert again.metrics["seed"] == 1
 
 
@@ -50,7 +50,7 @@ def _hold(out, ready, release):
         release.wait(60)
 
 
-def test_a_second_run_into_a_live_runs_folder_is_refused(tmp_path, small_source):
+def test_a_second_run_into_a_live_runs_folder_is_refused(tmp_path, small_arrays):
     out = str(tmp_path / "busy")
     ctx = multiprocessing.get_context("spawn")
     ready, release = ctx.Event(), ctx.Event()
@@ -58,7 +58,7 @@ def test_a_second_run_into_a_live_runs_folder_is_refused(tmp_path, small_source)
     holder.start()
     try:
         assert ready.wait(60)
-        msg = main_error(["--data", small_source, "--out", out, "--quiet", "--device", "cpu"])
+        msg = main_error(["--data", small_arrays, "--out", out, "--quiet", "--device", "cpu"])
         assert f"{out} is in use by another run (pid {holder.pid}" in msg
     finally:
         release.set()
@@ -66,15 +66,15 @@ def test_a_second_run_into_a_live_runs_folder_is_refused(tmp_path, small_source)
     assert not os.path.exists(os.path.join(out, "metrics.json"))  # the refused run wrote nothing
 
 
-def test_an_interrupt_before_the_first_checkpoint_names_no_old_checkpoint(tmp_path, small_source, monkeypatch):
+def test_an_interrupt_before_the_first_checkpoint_names_no_old_checkpoint(tmp_path, small_arrays, monkeypatch):
     out = str(tmp_path / "old")
-    fit(data=small_source, out=out, **TINY)
+    fit(data=small_arrays, out=out, **TINY)
     os.utime(os.path.join(out, "model.pt"), (1, 1))  # the earlier run's checkpoint, from long ago
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
     monkeypatch.setattr(loop, "setup", interrupted)
-    msg = main_error(["--data", small_source, "--out", out, "--overwrite", "--quiet", "--device", "cpu"])
+    msg = main_error(["--data", small_arrays, "--out", out, "--overwrite", "--quiet", "--device", "cpu"])
     assert msg == "interrupted: no checkpoint of this run was written yet, and no beton was left that a later " \
                   "run would trust"
 
@@ -82,7 +82,7 @@ def test_an_interrupt_before_the_first_checkpoint_names_no_old_checkpoint(tmp_pa
 @pytest.fixture
 def finished(tmp_path, small_source):
     out = str(tmp_path / "done")
-    fit(data=small_source, out=out, **TINY)
+    fit(data=small_source, out=out, **TINY)  # from betons: a checkpoint names their folder
     return out
 
 

@@ -80,25 +80,25 @@ def test_fast_preset_epochs_per_norm_and_explicit_epochs_win():
     assert resolved(["--norm", "gn", "--epochs", "5"]).epochs == 5
 
 
-def test_unreached_target_is_null_and_time_is_cumulative(tmp_path, small_source):
-    metrics, _ = run(tmp_path, small_source, "--epochs", "3", "--target-acc", "1.0", "--no-plots")
+def test_unreached_target_is_null_and_time_is_cumulative(tmp_path, small_arrays):
+    metrics, _ = run(tmp_path, small_arrays, "--epochs", "3", "--target-acc", "1.0", "--no-plots")
     assert metrics["time_to_target_s"] is None and metrics["epochs_to_target"] is None
     times = [h["train_time_s"] for h in metrics["history"]]
     assert len(times) == 3 and times == sorted(times) and times[0] > 0
     assert metrics["best_test_acc"] == max(h["test_acc"] for h in metrics["history"])
 
 
-def test_over_budget_is_loud_and_recorded(tmp_path, small_source):
+def test_over_budget_is_loud_and_recorded(tmp_path, small_arrays):
     with pytest.warns(UserWarning, match="over the 20-epoch budget"):
-        metrics, _ = run(tmp_path, small_source, "--epochs", "21", "--limit", "40", "--no-plots",
+        metrics, _ = run(tmp_path, small_arrays, "--epochs", "21", "--limit", "40", "--no-plots",
                          "--target-acc", "0.01", "--stop-at-target")
     assert metrics["within_budget"] is False
 
 
-def test_same_seed_is_bit_identical_on_cpu(tmp_path, small_source):
-    a, _ = run(tmp_path, small_source, "--epochs", "2", "--stop-at-target", "--target-acc", "1.0",
+def test_same_seed_is_bit_identical_on_cpu(tmp_path, small_arrays):
+    a, _ = run(tmp_path, small_arrays, "--epochs", "2", "--stop-at-target", "--target-acc", "1.0",
                "--no-plots", "--seed", "5", out="a")
-    b, _ = run(tmp_path, small_source, "--epochs", "2", "--stop-at-target", "--target-acc", "1.0",
+    b, _ = run(tmp_path, small_arrays, "--epochs", "2", "--stop-at-target", "--target-acc", "1.0",
                "--no-plots", "--seed", "5", out="b")
     strip = lambda m: [{k: v for k, v in h.items() if not k.endswith("time_s")} for h in m["history"]]
     assert strip(a) == strip(b)
@@ -127,16 +127,17 @@ def strip_history(m):
 
 
 @pytest.mark.parametrize("loader", ["resident", "ffcv"])
-def test_resume_matches_uninterrupted_run(tmp_path, small_source, loader):
+def test_resume_matches_uninterrupted_run(tmp_path, small_source, small_arrays, loader):
     # ffcv orders each epoch by seed + its epoch counter, which a resumed run must restore
     common = ["--preset", "best", "--epochs", "3", "--no-plots", "--seed", "2", "--loader", loader]
-    full, _ = run(tmp_path, small_source, *common, out="full")
-    part = interrupted_after_epoch_one(tmp_path, small_source, *common)
+    source = small_source if loader == "ffcv" else small_arrays  # the ffcv loader streams betons
+    full, _ = run(tmp_path, source, *common, out="full")
+    part = interrupted_after_epoch_one(tmp_path, source, *common)
     assert strip_history(resume(part)) == strip_history(full)  # a bare --resume: the run's own settings
 
 
-def test_resume_keeps_the_runs_settings_and_refuses_contradictions(tmp_path, small_source, capsys):
-    part = interrupted_after_epoch_one(tmp_path, small_source, "--preset", "best", "--epochs", "2", "--lr", "0.05",
+def test_resume_keeps_the_runs_settings_and_refuses_contradictions(tmp_path, small_arrays, capsys):
+    part = interrupted_after_epoch_one(tmp_path, small_arrays, "--preset", "best", "--epochs", "2", "--lr", "0.05",
                                        "--norm", "gn", "--no-plots", "--limit", "64")
     for flag, value in (("--norm", "ln"), ("--lr", "0.1"), ("--epochs", "1"), ("--preset", "fast")):
         with pytest.raises(SystemExit) as e:
@@ -158,10 +159,10 @@ def test_resume_keeps_the_runs_settings_and_refuses_contradictions(tmp_path, sma
         resume(part, "--epochs", "4")
 
 
-def test_resume_loads_to_the_cpu_and_restores_cpu_rng_states(tmp_path, small_source, monkeypatch):
+def test_resume_loads_to_the_cpu_and_restores_cpu_rng_states(tmp_path, small_arrays, monkeypatch):
     """Resuming on CUDA once moved the RNG ByteTensors to the GPU, which torch.set_rng_state refuses. Here a
     checkpoint loaded for any device but the CPU comes back on 'meta', as it would come back on the GPU."""
-    part = interrupted_after_epoch_one(tmp_path, small_source, "--preset", "best", "--epochs", "2", "--no-plots")
+    part = interrupted_after_epoch_one(tmp_path, small_arrays, "--preset", "best", "--epochs", "2", "--no-plots")
     import fastcifar.checkpoint as ck
     real_load = torch.load
 
@@ -185,7 +186,7 @@ def test_resume_loads_to_the_cpu_and_restores_cpu_rng_states(tmp_path, small_sou
     assert all(p.device.type == "cpu" for p in model.parameters())
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_checkpoint(tmp_path, small_source, monkeypatch):
+def test_nan_loss_stops_with_the_step_and_keeps_checkpoint(tmp_path, small_arrays, monkeypatch):
     real = torch.nn.functional.cross_entropy
     n = {"calls": 0}
 
@@ -195,7 +196,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_checkpoint(tmp_path, small_sourc
         return loss * float("nan") if n["calls"] > 8 and kw.get("label_smoothing") is not None else loss
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", poisoned)
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step \d+"):
-        run(tmp_path, small_source, "--epochs", "3", "--preset", "best", "--no-plots")
+        run(tmp_path, small_arrays, "--epochs", "3", "--preset", "best", "--no-plots")
     out = tmp_path / "out"
     m = json.load(open(out / "metrics.json"))
     assert m["status"] == "failed" and "non-finite" in m["error"]
@@ -223,13 +224,13 @@ def test_missing_data_path_exits_cleanly(tmp_path):
     r = cli("--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"),
             env={"FASTCIFAR_CACHE": str(tmp_path / "c")})
     assert r.returncode == 1 and "no such file or folder" in r.stderr and "Traceback" not in r.stderr
-    assert r.stderr.strip().count("\n") == 0
+    assert r.stderr.strip().count("\n") == 0 and "converting" not in r.stdout  # refused before any conversion
 
 
-def test_evaluate_cli_scores_a_checkpoint(tmp_path, small_source):
-    metrics, out = run(tmp_path, small_source, "--epochs", "1", "--no-plots")
+def test_evaluate_cli_scores_a_checkpoint(tmp_path, small_arrays):
+    metrics, out = run(tmp_path, small_arrays, "--epochs", "1", "--no-plots")
     r = subprocess.run([sys.executable, "-m", "fastcifar.evaluate", "--checkpoint", f"{out}/model.pt",
-                        "--data", small_source, "--json", str(tmp_path / "e.json"), "--device", "cpu"],
+                        "--data", small_arrays, "--json", str(tmp_path / "e.json"), "--device", "cpu"],
                        capture_output=True, text=True, timeout=300,
                        env={**os.environ, "FASTCIFAR_CACHE": str(tmp_path / "cache")})
     assert r.returncode == 0, r.stderr
@@ -255,7 +256,7 @@ def test_tta_views_and_their_shifts():
 
 # ---------------------------------------------------------------- epochs, device-aware defaults, compile
 
-def test_explicit_epochs_run_them_all(tmp_path, small_source):
+def test_explicit_epochs_run_them_all(tmp_path, small_arrays):
     p = resolved
     fast_gn = preset_value("fast", "epochs", "gn", "cpu")
     assert p(["--norm", "gn"]).stop_at_target is True  # the fast preset at its own epoch count
@@ -263,7 +264,7 @@ def test_explicit_epochs_run_them_all(tmp_path, small_source):
     assert p(["--norm", "gn", "--epochs", str(fast_gn + 1)]).stop_at_target is False
     assert p(["--epochs", "4", "--stop-at-target"]).stop_at_target is True
     assert p(["--preset", "best"]).stop_at_target is False
-    m, _ = run(tmp_path, small_source, "--epochs", "3", "--target-acc", "0.01", "--limit", "64", "--no-plots")
+    m, _ = run(tmp_path, small_arrays, "--epochs", "3", "--target-acc", "0.01", "--limit", "64", "--no-plots")
     assert m["epochs_run"] == 3 and m["epochs_to_target"] == 1 and m["steps_to_target"] == m["steps_per_epoch"]
 
 
@@ -302,15 +303,15 @@ def test_limit_below_the_batch_size_is_one_line_error(tmp_path):
                                                       "--batch-size")
 
 
-def test_metrics_record_effective_settings(tmp_path, small_source):
-    m, _ = run(tmp_path, small_source, "--epochs", "1", "--limit", "64", "--no-plots")
+def test_metrics_record_effective_settings(tmp_path, small_arrays):
+    m, _ = run(tmp_path, small_arrays, "--epochs", "1", "--limit", "64", "--no-plots")
     assert (m["compile"], m["compile_requested"], m["cuda_graphs"]) == (False, "auto", False)
     assert (m["batch_size"], m["lr"], m["arch"]) == (32, preset_value("fast", "lr", "bn", "cpu"), "lean")
     assert (m["settings_from"]["batch_size"], m["settings_from"]["lr"]) == ("command line", "preset fast (cpu)")
     assert m["config"]["batch_size"] == 32 and m["execution"]["precision"] == "fp32"
 
 
-def test_compile_warm_up_covers_every_graph(tmp_path, small_source, monkeypatch):
+def test_compile_warm_up_covers_every_graph(tmp_path, small_arrays, monkeypatch):
     """After the warm-up nothing compiles again: not the test-time views, not a training batch (here 150)
     larger than the test batch (100)."""
     graphs, phase = [], {"now": "warm-up"}
@@ -327,18 +328,18 @@ def test_compile_warm_up_covers_every_graph(tmp_path, small_source, monkeypatch)
         return t
     monkeypatch.setattr(loop, "warm_up", warm_up)
     torch._dynamo.reset()
-    m, _ = run(tmp_path, small_source, "--compile", "--epochs", "2", "--batch-size", "150", "--preset", "best",
+    m, _ = run(tmp_path, small_arrays, "--compile", "--epochs", "2", "--batch-size", "150", "--preset", "best",
                "--tta", "flip-shift")
     assert m["compile"] is True and m["compile_time_s"] > 0 and m["epochs_run"] == 2
     assert "warm-up" in graphs and "training" not in graphs, graphs
 
 
 @pytest.mark.slow
-def test_compile_with_inductor_trains(tmp_path, small_source):
+def test_compile_with_inductor_trains(tmp_path, small_arrays):
     torch._dynamo.reset()
-    m, _ = run(tmp_path, small_source, "--compile", "on", "--epochs", "1", "--limit", "64", "--no-plots",
+    m, _ = run(tmp_path, small_arrays, "--compile", "on", "--epochs", "1", "--limit", "64", "--no-plots",
                "--tta", "off")
-    ref, _ = run(tmp_path, small_source, "--compile", "off", "--epochs", "1", "--limit", "64", "--no-plots",
+    ref, _ = run(tmp_path, small_arrays, "--compile", "off", "--epochs", "1", "--limit", "64", "--no-plots",
                  "--tta", "off", out="ref")
     assert m["compile"] is True and m["compile_time_s"] > 0
     assert m["history"][0]["train_loss"] == pytest.approx(ref["history"][0]["train_loss"], rel=1e-3)
@@ -369,8 +370,8 @@ def interpreted_kernel(monkeypatch):
 
 
 @pytest.mark.slow  # every kernel launch is interpreted
-def test_fused_norm_on_end_to_end_under_the_interpreter(interpreted_kernel, tmp_path, small_source):
-    m, _ = run(tmp_path, small_source, "--norm", "gn", "--fused-norm", "on", "--epochs", "1", "--limit", "32",
+def test_fused_norm_on_end_to_end_under_the_interpreter(interpreted_kernel, tmp_path, small_arrays):
+    m, _ = run(tmp_path, small_arrays, "--norm", "gn", "--fused-norm", "on", "--epochs", "1", "--limit", "32",
                "--batch-size", "16", "--no-plots", "--tta", "off")
     assert m["fused_norm"] is True and m["fused_norm_fallback"] is None and m["status"] == "done"
     assert np.isfinite(m["history"][0]["train_loss"])
@@ -383,7 +384,7 @@ def test_fused_norm_verifies_the_kernel_before_trusting_it(interpreted_kernel):
     assert check_fused("on", cpu, torch.float32) == (True, None)
 
 
-def test_a_broken_kernel_falls_back_under_auto_and_fails_under_on(interpreted_kernel, tmp_path, small_source,
+def test_a_broken_kernel_falls_back_under_auto_and_fails_under_on(interpreted_kernel, tmp_path, small_arrays,
                                                                     monkeypatch):
     real = interpreted_kernel._forward
 
@@ -397,14 +398,14 @@ def test_a_broken_kernel_falls_back_under_auto_and_fails_under_on(interpreted_ke
             check_fused("on", torch.device("cpu"), torch.float32)
     assert "\n" not in str(e.value)
     with pytest.warns(RuntimeWarning, match="fused GroupNorm\\+ReLU not used"):
-        m, _ = run(tmp_path, small_source, "--norm", "gn", "--fused-norm", "auto", "--epochs", "1", "--limit", "64",
+        m, _ = run(tmp_path, small_arrays, "--norm", "gn", "--fused-norm", "auto", "--epochs", "1", "--limit", "64",
                    "--no-plots", "--tta", "off")
     assert m["fused_norm"] is False and m["fused_norm_fallback"].startswith("mismatch: max relative error")
     assert np.isfinite(m["history"][0]["train_loss"])
 
 
 @pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16 (AVX512-BF16 or AMX)")
-def test_amp_trains_in_bf16_on_a_cpu_with_native_bf16(tmp_path, small_source, monkeypatch):
+def test_amp_trains_in_bf16_on_a_cpu_with_native_bf16(tmp_path, small_arrays, monkeypatch):
     dtypes = []
     real_fwd = make_model("bn").__class__.forward
 
@@ -413,5 +414,5 @@ def test_amp_trains_in_bf16_on_a_cpu_with_native_bf16(tmp_path, small_source, mo
         dtypes.append(out.dtype)
         return out
     monkeypatch.setattr(make_model("bn").__class__, "forward", fwd)
-    m, _ = run(tmp_path, small_source, "--amp", "--epochs", "1", "--limit", "64", "--no-plots")
+    m, _ = run(tmp_path, small_arrays, "--amp", "--epochs", "1", "--limit", "64", "--no-plots")
     assert m["amp"] is True and set(dtypes) == {torch.bfloat16} and np.isfinite(m["history"][0]["train_loss"])

@@ -48,6 +48,8 @@ def prepare_data(source, cache_dir=None, progress=print, kind=None):
     if kind not in (None, *KINDS):
         raise ValueError(f"kind must be one of {KINDS} or None, not {kind!r}")
     source = os.fspath(source)
+    if not os.path.exists(os.path.expanduser(source)):  # said before ffcv's start-up and any "converting" line
+        raise DataError(f"{source}: no such file or folder")
     if is_array_folder(source):  # a cache folder given as the source: used as it is, whichever kind was asked
         m, why = check_arrays(source)
         if m is None:
