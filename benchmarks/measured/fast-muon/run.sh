@@ -18,3 +18,7 @@ python -m benchmarks.time_to_accuracy --norm bn --seeds 5 --first-seed 60 --data
 python -m benchmarks.time_to_accuracy --norm gn ln --seeds 5 --first-seed 60 --data $DATA \
     --points "optimizer=sgd,epochs=3,batch_size=128,stop_at_target=true" \
              "optimizer=muon,muon_lr=0.2,epochs=2,batch_size=96,stop_at_target=true" --out results/fast-muon/timed-gnln
+# 2026-12-05, 2-core AMD EPYC without AVX512 (--amp trains in fp32 there), the same side-by-side timing of bn at
+# c7c2c39 (timed-bn-epyc/):
+python -m benchmarks.time_to_accuracy --norm bn --seeds 5 --first-seed 60 --data $DATA \
+    --points "optimizer=sgd" "" --out results/fast-muon/timed-bn-epyc
