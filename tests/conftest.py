@@ -98,11 +98,11 @@ def small_source(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def small_arrays(small_source, tmp_path_factory):
-    """small_source read once into an array folder, for child runs whose subject is not betons: a child that
-    reads betons pays ffcv's numba start-up (10-14 s on a 2-core CPU), one that reads arrays never imports ffcv."""
+    """small_source read once into an array folder, for runs whose subject is not betons: a run that reads betons
+    converts them first, and a child process that reads them pays ffcv's numba start-up (10-14 s on a 2-core CPU)."""
     from fastcifar.data import prepare_data
-    return prepare_data(small_source, str(tmp_path_factory.mktemp("small-arrays") / "arrays"), progress=lambda m: None,
-                        kind="arrays").folder
+    folder = str(tmp_path_factory.mktemp("small-arrays") / "arrays")
+    return prepare_data(small_source, folder, progress=lambda m: None, kind="arrays").folder
 
 
 @pytest.fixture(autouse=True)
