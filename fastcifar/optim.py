@@ -5,6 +5,7 @@ on the (out, in*k*k) view), so every direction of the update moves at the same r
 parameters only and leaves the rest to a second optimizer; here one optimizer holds both kinds, so the schedule,
 checkpoints and the grad scaler see one. Biases, norm affines, the head and the frozen stem keep Nesterov SGD.
 """
+import functools
 import math
 
 import torch
@@ -42,6 +43,11 @@ def ns_cost(shape):
 
 
 def buckets(shapes, slack=2.0):
+    return _buckets(tuple(tuple(s) for s in shapes), slack)
+
+
+@functools.lru_cache(maxsize=64)  # a run asks for the same plan every step
+def _buckets(shapes, slack):
     """Index groups whose matrices share one zero-padded batch at most `slack` times their own cost."""
     groups = []
     for i in sorted(range(len(shapes)), key=lambda i: -ns_cost(shapes[i])):
@@ -62,11 +68,13 @@ def orthogonalize(mats, steps=5, eps=1e-7):
     but the number of kernel launches."""
     a, b, c = NS_COEFFS
     out = [None] * len(mats)
-    for idx in buckets([tuple(m.shape) for m in mats]):
-        wide = [mats[i].float().T if mats[i].shape[0] > mats[i].shape[1] else mats[i].float() for i in idx]
+    for idx in _buckets(tuple(m.shape for m in mats), 2.0):
+        wide = [mats[i].T if mats[i].shape[0] > mats[i].shape[1] else mats[i] for i in idx]
         rows, cols = max(w.shape[0] for w in wide), max(w.shape[1] for w in wide)
-        x = torch.stack([torch.nn.functional.pad(w, (0, cols - w.shape[1], 0, rows - w.shape[0])) for w in wide])
-        x = x / (x.norm(dim=(1, 2), keepdim=True) + eps)
+        x = mats[idx[0]].new_zeros(len(idx), rows, cols, dtype=torch.float32)
+        for k, w in enumerate(wide):
+            x[k, :w.shape[0], :w.shape[1]] = w
+        x /= x.norm(dim=(1, 2), keepdim=True) + eps
         for _ in range(steps):  # x <- a x + (b s + c s^2) x, s = x x^T, in two fused multiply-adds
             s = x @ x.mT
             x = torch.baddbmm(x, torch.baddbmm(s, s, s, beta=b, alpha=c), x, beta=a)
@@ -80,14 +88,18 @@ def orthogonalize(mats, steps=5, eps=1e-7):
 
 class FilterMuon(torch.optim.Optimizer):
     """Groups with muon=True: Nesterov momentum, orthogonalized per filter bank and scaled by
-    sqrt(max(1, rows / cols)), no weight decay. Other groups: Nesterov SGD with their weight decay.
+    sqrt(max(1, rows / cols)); their weight decay, if any, is decoupled (p *= 1 - lr * wd), since the
+    orthogonalization would discard its size, and normalize=True rescales each bank to norm sqrt(rows) before
+    the step (airbench94_muon's fixed weight norm: behind a norm layer the scale is free, and pinning it keeps the
+    effective step on the schedule). Other groups: Nesterov SGD with their (coupled) weight decay.
 
     Under a GradScaler it unscales and skips inf steps itself from the scaler's `grad_scale` and `found_inf`
     tensors, so fp16 training needs no host sync per step (`_step_supports_amp_scaling`)."""
     _step_supports_amp_scaling = True
 
     def __init__(self, groups, lr, momentum=MOMENTUM, ns_steps=5):
-        super().__init__(groups, dict(lr=lr, momentum=momentum, weight_decay=0.0, muon=False, ns_steps=ns_steps))
+        super().__init__(groups, dict(lr=lr, momentum=momentum, weight_decay=0.0, muon=False,
+                                              ns_steps=ns_steps, normalize=False))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -106,9 +118,10 @@ class FilterMuon(torch.optim.Optimizer):
                 grads = torch._foreach_div(grads, scale)
             if keep is not None:  # an inf or nan gradient must not reach the buffers, even times zero
                 grads = [torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in grads]
-            if group["weight_decay"]:
+            if group["weight_decay"] and not group["muon"]:
                 grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+            bufs = [self.state[p]["momentum_buffer"] if "momentum_buffer" in self.state[p]
+                    else self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
             m = group["momentum"]
             if keep is None:
                 torch._foreach_mul_(bufs, m)
@@ -124,5 +137,11 @@ class FilterMuon(torch.optim.Optimizer):
                 torch._foreach_mul_(updates, [math.sqrt(max(1.0, f.shape[0] / f.shape[1])) for f in flat])
             if keep is not None:
                 torch._foreach_mul_(updates, keep)
+            if group["muon"] and group["normalize"]:
+                torch._foreach_mul_(params, [math.sqrt(p.shape[0]) / n for p, n in
+                                             zip(params, torch._foreach_norm(params))])
+            if group["muon"] and group["weight_decay"]:
+                decay = group["lr"] * group["weight_decay"]
+                torch._foreach_mul_(params, 1.0 - decay if keep is None else 1.0 - decay * keep)
             torch._foreach_add_(params, updates, alpha=-group["lr"])
         return loss

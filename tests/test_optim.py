@@ -18,11 +18,13 @@ def reference_orthogonalize(g, steps=5, eps=1e-7):
     return x.T if tall else x
 
 
-def reference_step(params, grads, bufs, groups_of, lr, momentum=0.9):
-    """One step of the recipe in float64, a parameter at a time."""
+def reference_step(params, grads, bufs, groups_of, lr, momentum=0.9, normalize=False):
+    """One step of the recipe in float64, a parameter at a time; a Muon bank's weight decay is decoupled."""
     for i, (p, g) in enumerate(zip(params, grads)):
         wd, muon, glr = groups_of[i]
-        g = g.double() + wd * p
+        g = g.double() + (0.0 if muon else wd) * p
+        if muon:
+            p = p * (p.shape[0] ** 0.5 / p.norm() if normalize else 1.0) * (1 - glr * wd)
         bufs[i] = momentum * bufs[i] + g
         u = g + momentum * bufs[i]
         if muon:
@@ -51,11 +53,13 @@ def test_buckets_share_a_padded_batch_only_within_the_slack():
     assert not any({1, 3} <= set(g) for g in groups)  # a 9x24 matrix is not padded to 46x414
 
 
-def test_muon_steps_match_the_float64_reference():
+@pytest.mark.parametrize("muon_wd,normalize", [(0.0, False), (0.05, True)])
+def test_muon_steps_match_the_float64_reference(muon_wd, normalize):
     torch.manual_seed(0)
     model = make_model("bn", "lean")
     cfg = TrainConfig.resolve(optimizer="muon", muon_lr=0.2, lr=0.4)
     opt = make_optimizer(model, cfg)
+    opt.param_groups[0].update(weight_decay=muon_wd, normalize=normalize)  # the options research screens set
     assert isinstance(opt, FilterMuon)
     groups_of, params = [], []
     for g in opt.param_groups:
@@ -71,7 +75,7 @@ def test_muon_steps_match_the_float64_reference():
     for _ in range(3):
         loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
-        reference_step(ref, [p.grad for p in params], bufs, groups_of, None)
+        reference_step(ref, [p.grad for p in params], bufs, groups_of, None, normalize=normalize)
         opt.step()
         opt.zero_grad()
         for p, r in zip(params, ref):

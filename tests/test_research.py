@@ -2,6 +2,7 @@
 import json
 import os
 
+import pytest
 import torch
 
 from fastcifar.config import TrainConfig
@@ -37,3 +38,12 @@ def test_a_spec_on_a_stride_2_stem_is_lean_when_it_spells_lean():
     x = torch.randn(2, 3, 32, 32)
     spelled.load_state_dict(lean.state_dict())
     assert torch.equal(spelled.eval()(x), lean.eval()(x))
+
+
+def test_the_muon_options_reach_only_the_muon_groups_and_need_muon():
+    model = screen.layout_factory("lean")(TrainConfig.resolve(norm="bn"), False)
+    opt = screen.muon_options_factory(0.01, True)(model, TrainConfig.resolve(optimizer="muon", muon_lr=0.1))
+    assert [(g["weight_decay"], g["normalize"]) for g in opt.param_groups if g["muon"]] == [(0.01, True)]
+    assert all(not g["normalize"] for g in opt.param_groups if not g["muon"])
+    with pytest.raises(ValueError, match="need --optimizer muon"):
+        screen.muon_options_factory(0.01)(model, TrainConfig.resolve(optimizer="sgd"))
