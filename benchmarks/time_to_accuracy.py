@@ -232,9 +232,9 @@ def run_settings(args, norm, seed, data, out, device):
 
 
 RUN_KEYS = ("params", "within_budget", "device", "amp", "precision", "compile", "fused_norm", "fused_norm_fallback",
-            "preset", "batch_size", "lr", "optimizer", "muon_lr", "tta", "whiten_fit_time_s", "epochs_planned",
-            "epochs_run", "steps_per_epoch", "torch_threads", "time_to_target_s", "epochs_to_target", "steps_to_target", "final_test_acc",
-            "best_test_acc", "compile_time_s", "eval_time_s", "history")
+            "preset", "batch_size", "lr", "optimizer", "muon_lr", "muon_ns_steps", "tta", "whiten_fit_time_s",
+            "epochs_planned", "epochs_run", "steps_per_epoch", "torch_threads", "time_to_target_s", "epochs_to_target",
+            "steps_to_target", "final_test_acc", "best_test_acc", "compile_time_s", "eval_time_s", "history")
 
 
 def run_one(config):

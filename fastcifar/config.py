@@ -43,8 +43,8 @@ RECORDS = {
     "best": {"bn": "benchmarks/measured/best-separable", "gn": "benchmarks/measured/best-separable-gnln",
              "ln": "benchmarks/measured/best-separable-gnln"},
 }
-RECIPE = ("norm", "preset", "arch", "epochs", "batch_size", "lr", "optimizer", "muon_lr", "weight_decay",
-          "label_smoothing", "seed", "target_acc", "stop_at_target", "tta", "cutout", "limit")
+RECIPE = ("norm", "preset", "arch", "epochs", "batch_size", "lr", "optimizer", "muon_lr", "muon_ns_steps",
+          "weight_decay", "label_smoothing", "seed", "target_acc", "stop_at_target", "tta", "cutout", "limit")
 EXECUTION = ("device", "amp", "compile", "cuda_graphs", "fused_norm", "threads", "loader")
 FILES = ("data", "beton_dir", "out", "overwrite", "quiet", "plots")
 FROM_PRESET = ("arch", "epochs", "batch_size", "lr", "optimizer", "muon_lr", "stop_at_target")
@@ -65,6 +65,7 @@ class TrainConfig:
     lr: Optional[float] = None            # peak learning rate (Muon: of what stays on SGD); None: from the preset
     optimizer: Optional[str] = None       # sgd or muon (on the conv filters); None: from the preset
     muon_lr: Optional[float] = None       # Muon's peak learning rate; None: from the preset
+    muon_ns_steps: int = 5                # Newton-Schulz iterations per Muon step
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
     seed: int = 0
@@ -250,6 +251,8 @@ def validate(c):
     if c.optimizer == "muon" and c.muon_lr is None:
         raise ConfigError(f"--optimizer muon needs --muon-lr "
                           f"(the {c.preset} preset has no measured one for {c.norm})")
+    _check(_is_int(c.muon_ns_steps) and 1 <= c.muon_ns_steps <= 10, "muon_ns_steps",
+           "must be a whole number in 1..10")
     _check(_is_num(c.weight_decay) and c.weight_decay >= 0, "weight_decay", "must be a number, not negative")
     _check(_is_num(c.label_smoothing) and 0 <= c.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
     _check(_is_int(c.seed) and c.seed >= 0, "seed", "must be a whole number, not negative")

@@ -322,7 +322,7 @@ def start_metrics(run, params, within_budget):
         "amp_requested": cfg.amp, "compile": ex.compile, "compile_requested": cfg.compile,
         "cuda_graphs": cfg.cuda_graphs, "fused_norm": run.fused, "fused_norm_fallback": run.fused_fallback,
         "preset": cfg.preset, "batch_size": cfg.batch_size, "lr": cfg.lr, "optimizer": cfg.optimizer,
-        "muon_lr": cfg.muon_lr, "seed": cfg.seed,
+        "muon_lr": cfg.muon_lr, "muon_ns_steps": cfg.muon_ns_steps, "seed": cfg.seed,
         "target_acc": cfg.target_acc, "stop_at_target": cfg.stop_at_target, "tta": cfg.tta,
         "steps_per_epoch": len(run.train_loader), "torch_threads": torch.get_num_threads(),
         "compile_time_s": run.compile_time, "whiten_fit_time_s": run.fit_time, "status": "running",

@@ -31,7 +31,7 @@ def make_optimizer(model, cfg, fused=False):
         filters = [p for p in groups[0]["params"] if p.ndim == 4]
         rest = [{**g, "params": [p for p in g["params"] if p.ndim != 4]} for g in groups]
         return FilterMuon([{"params": filters, "muon": True, "lr": cfg.muon_lr, "weight_decay": 0.0}]
-                          + [g for g in rest if g["params"]], lr=cfg.lr)
+                          + [g for g in rest if g["params"]], lr=cfg.lr, ns_steps=cfg.muon_ns_steps)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=MOMENTUM, nesterov=True, **({"fused": True} if fused else {}))
 
 

@@ -60,7 +60,8 @@ def main(argv=None):
             eval_epochs=[int(e) for e in a.eval_epochs.split(",") if e])
     m = r.metrics
     out = {"layout": a.layout or cfg.arch, "stem_stride": a.stem_stride, "optimizer": cfg.optimizer,
-           "muon_lr": cfg.muon_lr, "muon_wd": a.muon_wd, "muon_normalize": a.muon_normalize, "train_argv": train_argv, "final_test_acc": m["final_test_acc"],
+           "muon_lr": cfg.muon_lr, "muon_ns_steps": cfg.muon_ns_steps, "muon_wd": a.muon_wd,
+           "muon_normalize": a.muon_normalize, "train_argv": train_argv, "final_test_acc": m["final_test_acc"],
            "params": m["params"], "train_time_s": m["history"][-1]["train_time_s"],
            "train_acc": m["history"][-1]["train_acc"], "scored": [(h["epoch"], h["test_acc"]) for h in m["history"]]}
     print("SCREEN", json.dumps(out), flush=True)

@@ -18,7 +18,7 @@ def reference_orthogonalize(g, steps=5, eps=1e-7):
     return x.T if tall else x
 
 
-def reference_step(params, grads, bufs, groups_of, lr, momentum=0.9, normalize=False):
+def reference_step(params, grads, bufs, groups_of, lr, momentum=0.9, normalize=False, ns_steps=5):
     """One step of the recipe in float64, a parameter at a time; a Muon bank's weight decay is decoupled."""
     for i, (p, g) in enumerate(zip(params, grads)):
         wd, muon, glr = groups_of[i]
@@ -29,7 +29,7 @@ def reference_step(params, grads, bufs, groups_of, lr, momentum=0.9, normalize=F
         u = g + momentum * bufs[i]
         if muon:
             m = u.flatten(1)
-            u = reference_orthogonalize(m).reshape(p.shape) * max(1.0, m.shape[0] / m.shape[1]) ** 0.5
+            u = reference_orthogonalize(m, ns_steps).reshape(p.shape) * max(1.0, m.shape[0] / m.shape[1]) ** 0.5
         params[i] = p - glr * u
 
 
@@ -53,11 +53,11 @@ def test_buckets_share_a_padded_batch_only_within_the_slack():
     assert not any({1, 3} <= set(g) for g in groups)  # a 9x24 matrix is not padded to 46x414
 
 
-@pytest.mark.parametrize("muon_wd,normalize", [(0.0, False), (0.05, True)])
-def test_muon_steps_match_the_float64_reference(muon_wd, normalize):
+@pytest.mark.parametrize("muon_wd,normalize,ns_steps", [(0.0, False, 5), (0.05, True, 3)])
+def test_muon_steps_match_the_float64_reference(muon_wd, normalize, ns_steps):
     torch.manual_seed(0)
     model = make_model("bn", "lean")
-    cfg = TrainConfig.resolve(optimizer="muon", muon_lr=0.2, lr=0.4)
+    cfg = TrainConfig.resolve(optimizer="muon", muon_lr=0.2, lr=0.4, muon_ns_steps=ns_steps)
     opt = make_optimizer(model, cfg)
     opt.param_groups[0].update(weight_decay=muon_wd, normalize=normalize)  # the options research screens set
     assert isinstance(opt, FilterMuon)
@@ -75,7 +75,7 @@ def test_muon_steps_match_the_float64_reference(muon_wd, normalize):
     for _ in range(3):
         loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
-        reference_step(ref, [p.grad for p in params], bufs, groups_of, None, normalize=normalize)
+        reference_step(ref, [p.grad for p in params], bufs, groups_of, None, normalize=normalize, ns_steps=ns_steps)
         opt.step()
         opt.zero_grad()
         for p, r in zip(params, ref):
@@ -152,6 +152,8 @@ def test_muon_lr_goes_with_muon():
         TrainConfig.resolve(optimizer="sgd", muon_lr=0.2)
     cfg = TrainConfig.resolve(optimizer="muon", muon_lr=0.2).replace(optimizer="sgd", muon_lr=None)
     assert (cfg.optimizer, cfg.muon_lr) == ("sgd", None)
+    with pytest.raises(ConfigError, match="--muon-ns-steps must be"):
+        TrainConfig.resolve(optimizer="muon", muon_lr=0.2, muon_ns_steps=0)
 
 
 @pytest.mark.cuda
