@@ -39,11 +39,13 @@ def record_runs(path):
 
 def matching_runs(cfg):
     """The recorded runs of exactly this recipe (norm, preset, batch size, lr, optimizer, epochs, arch where
-    recorded); records from before the recipe named its optimizer trained SGD."""
+    recorded); records from before the recipe named its optimizer trained SGD, and Muon's from before it named its
+    Newton-Schulz steps ran 5."""
     return [r for r in record_runs(RECORDS[cfg.preset][cfg.norm]) if r["norm"] == cfg.norm
             and r["preset"] == cfg.preset and (r["batch_size"], r["lr"], r["epochs_planned"]) ==
             (cfg.batch_size, cfg.lr, cfg.epochs) and r.get("arch", cfg.arch) == cfg.arch
-            and (r.get("optimizer") or "sgd", r.get("muon_lr")) == (cfg.optimizer, cfg.muon_lr)]
+            and (r.get("optimizer") or "sgd", r.get("muon_lr")) == (cfg.optimizer, cfg.muon_lr)
+            and (cfg.optimizer != "muon" or r.get("muon_ns_steps", 5) == cfg.muon_ns_steps)]
 
 
 def summary(cfg):
@@ -52,7 +54,8 @@ def summary(cfg):
     hit = [r["epochs_to_target"] for r in runs if r.get("epochs_to_target")]
     steps = TRAIN_IMAGES // cfg.batch_size
     return {"preset": cfg.preset, "norm": cfg.norm, "arch": cfg.arch, "batch_size": cfg.batch_size, "lr": cfg.lr,
-            "optimizer": cfg.optimizer, "muon_lr": cfg.muon_lr, "epochs": cfg.epochs,
+            "optimizer": cfg.optimizer, "muon_lr": cfg.muon_lr, "muon_ns_steps": cfg.muon_ns_steps,
+            "epochs": cfg.epochs,
             "record": RECORDS[cfg.preset][cfg.norm], "runs": len(runs),
             "reached": sum(a >= cfg.target_acc for a in accs), "mean_acc": statistics.mean(accs) if accs else None,
             "min_acc": min(accs, default=None), "steps_per_epoch": steps,
@@ -71,7 +74,8 @@ def main(argv=None):
                           "steps to 70% (median)"],
                          [[r["preset"], r["norm"], r["device"],
                            f"{r['arch']}, {r['epochs']} ep, batch {r['batch_size']}, "
-                           + (f"Muon {r['muon_lr']} + SGD {r['lr']}" if r["optimizer"] == "muon" else f"SGD {r['lr']}"),
+                           + (f"Muon {r['muon_lr']} ({r['muon_ns_steps']} NS steps) + SGD {r['lr']}"
+                              if r["optimizer"] == "muon" else f"SGD {r['lr']}"),
                            r["runs"],
                            f"{r['reached']} / {r['runs']}", f"{pct(r['mean_acc'])} ({pct(r['min_acc'])})",
                            r["median_steps_to_target"] or "-"] for r in rows]))

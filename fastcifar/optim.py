@@ -62,7 +62,7 @@ def _buckets(shapes, slack):
     return groups
 
 
-def orthogonalize(mats, steps=5, eps=1e-7):
+def orthogonalize(mats, steps=3, eps=1e-7):
     """The nearest semi-orthogonal matrix to each 2-D matrix in `mats`, in fp32. Matrices are turned wide and
     zero-padded into a few batches: the iteration keeps zero rows and columns zero, so padding changes nothing
     but the number of kernel launches."""
@@ -97,7 +97,7 @@ class FilterMuon(torch.optim.Optimizer):
     tensors, so fp16 training needs no host sync per step (`_step_supports_amp_scaling`)."""
     _step_supports_amp_scaling = True
 
-    def __init__(self, groups, lr, momentum=MOMENTUM, ns_steps=5):
+    def __init__(self, groups, lr, momentum=MOMENTUM, ns_steps=3):
         super().__init__(groups, dict(lr=lr, momentum=momentum, weight_decay=0.0, muon=False,
                                               ns_steps=ns_steps, normalize=False))
 

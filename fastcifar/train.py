@@ -39,7 +39,7 @@ def build_parser():
                         help="sgd (Nesterov) or muon (orthogonalized momentum on the conv filters, Nesterov SGD on "
                              "the rest); default: the preset's (fast bn and ln: muon)")
     recipe.add_argument("--muon-lr", type=float, help="Muon's peak learning rate (default: the preset's, per norm)")
-    recipe.add_argument("--muon-ns-steps", type=int, help="Newton-Schulz iterations per Muon step (default: 5)")
+    recipe.add_argument("--muon-ns-steps", type=int, help="Newton-Schulz iterations per Muon step (default: 3)")
     recipe.add_argument("--weight-decay", type=float, help="default: 5e-4")
     recipe.add_argument("--label-smoothing", type=float, help="default: 0.1")
     recipe.add_argument("--seed", type=int, help="default: 0")

@@ -7,7 +7,7 @@ from fastcifar.models import make_model
 from fastcifar.optim import FilterMuon, NS_COEFFS, buckets, make_optimizer, orthogonalize
 
 
-def reference_orthogonalize(g, steps=5, eps=1e-7):
+def reference_orthogonalize(g, steps, eps=1e-7):
     a, b, c = NS_COEFFS
     x = g.double() / (g.double().norm() + eps)
     tall = x.shape[0] > x.shape[1]
@@ -18,7 +18,7 @@ def reference_orthogonalize(g, steps=5, eps=1e-7):
     return x.T if tall else x
 
 
-def reference_step(params, grads, bufs, groups_of, lr, momentum=0.9, normalize=False, ns_steps=5):
+def reference_step(params, grads, bufs, groups_of, lr, ns_steps, momentum=0.9, normalize=False):
     """One step of the recipe in float64, a parameter at a time; a Muon bank's weight decay is decoupled."""
     for i, (p, g) in enumerate(zip(params, grads)):
         wd, muon, glr = groups_of[i]
@@ -37,9 +37,9 @@ def test_batched_orthogonalization_matches_one_matrix_at_a_time_in_float64():
     torch.manual_seed(0)
     mats = [torch.randn(32, 24 * 9), torch.randn(46, 32 * 9), torch.randn(104, 9), torch.randn(36, 24),
             torch.randn(136, 104), torch.randn(7, 7)]
-    got = orthogonalize(mats)
+    got = orthogonalize(mats, steps=5)
     for m, o in zip(mats, got):
-        ref = reference_orthogonalize(m)
+        ref = reference_orthogonalize(m, 5)
         assert o.shape == m.shape and torch.allclose(o.double(), ref, atol=2e-5), (m.shape, (o - ref).abs().max())
         s = torch.linalg.svdvals(o)
         assert s.max() < 1.3 and s.min() > 0.5  # Newton-Schulz pushes every singular value towards 1
@@ -75,7 +75,7 @@ def test_muon_steps_match_the_float64_reference(muon_wd, normalize, ns_steps):
     for _ in range(3):
         loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
-        reference_step(ref, [p.grad for p in params], bufs, groups_of, None, normalize=normalize, ns_steps=ns_steps)
+        reference_step(ref, [p.grad for p in params], bufs, groups_of, None, ns_steps, normalize=normalize)
         opt.step()
         opt.zero_grad()
         for p, r in zip(params, ref):
@@ -144,6 +144,14 @@ def test_a_run_saved_before_the_recipe_named_its_optimizer_resumes_with_sgd():
     assert (cfg.optimizer, cfg.muon_lr, cfg.sources["optimizer"]) == ("sgd", None, "resumed run")
     muon = TrainConfig.resolve(resumed=TrainConfig.resolve(optimizer="muon", muon_lr=0.3).to_dict())
     assert (muon.optimizer, muon.muon_lr) == ("muon", 0.3)
+
+
+def test_a_muon_run_saved_before_it_named_its_newton_schulz_steps_resumes_with_5():
+    saved = TrainConfig.resolve(optimizer="muon", muon_lr=0.3).to_dict()
+    saved.pop("muon_ns_steps")
+    assert TrainConfig.resolve(resumed=saved).muon_ns_steps == 5
+    saved["muon_ns_steps"] = 3
+    assert TrainConfig.resolve(resumed=saved).muon_ns_steps == 3
 
 
 def test_muon_lr_goes_with_muon():
