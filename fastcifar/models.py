@@ -18,6 +18,7 @@ about as fast as BN in a few epochs.
 LayerNorm is GroupNorm with one group: statistics over (C, H, W), affine per channel, so the
 norm costs 2*C parameters rather than the 2*C*H*W of nn.LayerNorm([C, H, W]).
 """
+import re
 from typing import NamedTuple
 
 import torch
@@ -157,6 +158,14 @@ def conv(norm, c_in, c_out, separable=False):
 class Block(NamedTuple):
     width: int   # output channels of the block's conv (or depthwise + pointwise pair)
     pool: bool   # 2x2 max-pool after the conv, before the norm: the norm runs on a quarter of the pixels
+    residual: bool = False  # add the block's input to its output (same width, no pool)
+
+
+class Residual(nn.Sequential):
+    """x + block(x): a shortcut costs no parameters, and keeps a deeper stack of blocks trainable."""
+
+    def forward(self, x):
+        return x + super().forward(x)
 
 
 class Layout(NamedTuple):
@@ -166,15 +175,16 @@ class Layout(NamedTuple):
 
     @classmethod
     def parse(cls, spec, stem_stride=1):
-        """A layout from a spec such as "d36p d48 d64": c = 3x3 conv, d = depthwise + pointwise pair (all blocks
-        one kind), the number its width, p a max-pool before its norm."""
+        """A layout from a spec such as "d36p d48 d64 d64r": c = 3x3 conv, d = depthwise + pointwise pair (all
+        blocks one kind), the number its width, p a max-pool before its norm, r a shortcut around the block."""
         kinds = {tok[:1] for tok in spec.split()}
         if not spec.split() or not kinds <= {"c", "d"} or len(kinds) != 1:
-            raise ValueError(f"layout spec {spec!r}: blocks are c<width>[p] or d<width>[p], all of one kind")
-        try:
-            blocks = tuple(Block(int(t[1:].removesuffix("p")), t.endswith("p")) for t in spec.split())
-        except ValueError:
-            raise ValueError(f"layout spec {spec!r}: a block's width is a whole number") from None
+            raise ValueError(f"layout spec {spec!r}: blocks are c<width>[p|r] or d<width>[p|r], all of one kind")
+        tokens = [re.fullmatch(r"[cd](\d+)([pr]?)", t) for t in spec.split()]
+        if not all(tokens):
+            raise ValueError(f"layout spec {spec!r}: a block is its kind, a whole-number width and at most one of "
+                             f"p (pool) or r (shortcut)")
+        blocks = tuple(Block(int(m[1]), m[2] == "p", m[2] == "r") for m in tokens)
         return cls(stem_stride, blocks, separable=kinds == {"d"})
 
 
@@ -203,9 +213,13 @@ class Net(nn.Module):
         layout = arch if isinstance(arch, Layout) else ARCHS[arch]
         self.stem = PatchWhitening(stride=layout.stem_stride)
         blocks, c = [], self.stem.out_channels
-        for width, pool in layout.blocks:
-            blocks += [conv(norm, c, width, layout.separable), *([nn.MaxPool2d(2)] if pool else []),
-                       norm_relu(norm, width, fused)]
+        for width, pool, residual in layout.blocks:
+            block = [conv(norm, c, width, layout.separable), *([nn.MaxPool2d(2)] if pool else []),
+                     norm_relu(norm, width, fused)]
+            if residual and (pool or width != c):
+                raise ValueError(f"a shortcut needs a block that keeps its input's shape ({c} -> {width} channels"
+                                 f"{', pooled' if pool else ''})")
+            blocks += [Residual(*block)] if residual else block
             c = width
         self.features = nn.Sequential(*blocks, nn.AdaptiveMaxPool2d(1), nn.Flatten())
         self.head = nn.Linear(c, num_classes)

@@ -183,3 +183,19 @@ def test_gn_and_ln_standardize_their_conv_filters(norm, standardized, arch):
     assert convs or pairs
     assert all(isinstance(c, StandardizedConv2d) == standardized for c in convs)
     assert all(p.standardize == standardized for p in pairs)
+
+
+def test_a_shortcut_adds_the_blocks_input_and_costs_no_parameters():
+    from fastcifar.models import Layout, Residual
+    plain, short = (make_model("bn", Layout.parse(s)) for s in ("d24p d32 d32", "d24p d32 d32r"))
+    assert count_params(plain) == count_params(short)
+    assert Layout.parse("d24p d32 d32r").blocks[-1] == (32, False, True)
+    res = [m for m in short.modules() if isinstance(m, Residual)]
+    assert len(res) == 1
+    x = torch.randn(2, 32, 8, 8)
+    assert torch.allclose(res[0](x), x + torch.nn.Sequential(*res[0])(x))
+    with pytest.raises(ValueError, match="keeps its input's shape"):
+        make_model("bn", Layout.parse("d24p d32r"))  # 24 -> 32 channels
+    for bad in ("d24p d32pr", "d24p d32rp", "d24p d3x"):
+        with pytest.raises(ValueError, match="at most one of"):
+            Layout.parse(bad)
