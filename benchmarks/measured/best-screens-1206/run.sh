@@ -14,3 +14,8 @@ python -m research.screen --layout "d36p d48 d64 d72p d104 d104 d136p" --eval-ep
     --out runs/best-screens-1206/bn-sgd-last8
 python -m research.screen --layout "d40p d56 d72 d84p d100 d100p d112" --eval-epochs 8,14 -- $COMMON \
     --out runs/best-screens-1206/bn-sgd-wide-early
+# shortcut blocks (layout token r; at 3120b3e), SGD, the preset's recipe
+python -m research.screen --layout "d32p d48 d64 d64r d88p d88r d88r d128p" --eval-epochs 8,14 -- $COMMON \
+    --out runs/best-screens-1206/bn-sgd-res-a
+python -m research.screen --layout "d36p d48 d64 d64r d80p d96 d96r d112p" --eval-epochs 8,14 -- $COMMON \
+    --out runs/best-screens-1206/bn-sgd-res-b
