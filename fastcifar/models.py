@@ -13,6 +13,8 @@ quarter of the pixels, then global max pool and one linear layer:
 - `separable` (the best preset): deep's stem and resolutions, but each conv is depthwise 3x3 then
   pointwise 1x1 (one norm after the pair). A 3x3 filter costs 9*C parameters instead of 9*C*C', so the
   same budget buys several times the width, and fewer multiply-adds.
+- `separable-res` (the best preset for bn): separable's budget in eight pairs instead of seven, two of them
+  with a shortcut (x + block(x)), the last pair on 8x8 maps.
 GN and LN standardize their conv weights (a separable pair: its composite filter), which lets them learn
 about as fast as BN in a few epochs.
 LayerNorm is GroupNorm with one group: statistics over (C, H, W), affine per channel, so the
@@ -199,6 +201,8 @@ ARCHS = {
     "deep8": Layout(1, _blocks((20, True), (28, False), (36, True), (40, False), (44, True))),  # 32 -> 16 -> 8 -> 4
     "separable": Layout(1, _blocks((36, True), (48, False), (64, False), (72, True), (104, False), (104, True),
                                    (136, False)), separable=True),
+    # separable's parameters in eight pairs, two of them behind a shortcut, the last conv on 8x8 maps
+    "separable-res": Layout.parse("d36p d48 d64 d64r d80p d96 d96r d112p"),
 }
 
 

@@ -30,7 +30,7 @@ def build_parser():
     recipe.add_argument("--norm", choices=NORMS, help="default: bn")
     recipe.add_argument("--preset", choices=sorted(PRESETS),
                         help="fast (default): the lean network, short schedule, stop at the target; best: 20 "
-                             "epochs of the separable network")
+                             "epochs of a separable network (bn: separable-res, with shortcuts)")
     recipe.add_argument("--arch", choices=sorted(ARCHS), help="network layout (default: the preset's)")
     recipe.add_argument("--epochs", type=int, help="default: the preset's (fast: bn and ln 2, gn 3; best: 20)")
     recipe.add_argument("--batch-size", type=int, help="default: the preset's (128; fast ln: 96)")

@@ -9,7 +9,7 @@ from fastcifar.optim import make_optimizer
 
 
 # the counts the README and results report; norms cost the same 2*C parameters in every variant
-KNOWN_PARAMS = {"lean": 49_514, "deep": 49_906, "deep8": 48_330, "separable": 49_598}
+KNOWN_PARAMS = {"lean": 49_514, "deep": 49_906, "deep8": 48_330, "separable": 49_598, "separable-res": 49_734}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -21,7 +21,8 @@ def test_within_parameter_budget(norm, arch):
     assert count_params(m) == KNOWN_PARAMS[arch] <= PARAM_BUDGET
 
 
-@pytest.mark.parametrize("arch,size", [("lean", 16), ("deep", 32), ("deep8", 32), ("separable", 32)])
+@pytest.mark.parametrize("arch,size", [("lean", 16), ("deep", 32), ("deep8", 32), ("separable", 32),
+                                       ("separable-res", 32)])
 def test_stem_resolution(arch, size):
     m = make_model("bn", arch)
     assert m.stem(torch.randn(2, 3, 32, 32)).shape[-2:] == (size, size)
