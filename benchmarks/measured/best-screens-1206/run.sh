@@ -19,3 +19,8 @@ python -m research.screen --layout "d32p d48 d64 d64r d88p d88r d88r d128p" --ev
     --out runs/best-screens-1206/bn-sgd-res-a
 python -m research.screen --layout "d36p d48 d64 d64r d80p d96 d96r d112p" --eval-epochs 8,14 -- $COMMON \
     --out runs/best-screens-1206/bn-sgd-res-b
+# the kept bn layout (separable-res) on ln, seeds 0 and 1, the preset's ln recipe (SGD 0.1), at 3120b3e
+for seed in 0 1; do
+  python -m research.screen --layout "d36p d48 d64 d64r d80p d96 d96r d112p" --eval-epochs 8,14 -- --norm ln --amp \
+      --preset best --seed $seed --threads 1 --data $DATA --quiet --no-plots --out runs/best-screens-1206/ln-sgd-res-b-s$seed &
+done; wait
