@@ -175,7 +175,7 @@ def test_resume_loads_to_the_cpu_and_restores_cpu_rng_states(tmp_path, small_arr
     got = {}
     monkeypatch.setattr(torch, "set_rng_state", lambda s: got.setdefault("cpu", s))
     cfg, ckpt = loop.configure(resume=part, device="cpu")  # loaded once, to the CPU
-    model = make_model("bn", "separable")  # the best preset's layout for bn
+    model = make_model("bn", cfg.arch)  # the layout the checkpoint was saved from
     opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     loader = type("L", (), {"load_state_dict": lambda self, s: got.setdefault("loader", s["generator"]),
