@@ -43,12 +43,12 @@ def ns_cost(shape):
 
 
 def buckets(shapes, slack=2.0):
+    """Index groups whose matrices share one zero-padded batch at most `slack` times their own cost."""
     return _buckets(tuple(tuple(s) for s in shapes), slack)
 
 
 @functools.lru_cache(maxsize=64)  # a run asks for the same plan every step
 def _buckets(shapes, slack):
-    """Index groups whose matrices share one zero-padded batch at most `slack` times their own cost."""
     groups = []
     for i in sorted(range(len(shapes)), key=lambda i: -ns_cost(shapes[i])):
         for g in groups:
@@ -98,8 +98,13 @@ class FilterMuon(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
 
     def __init__(self, groups, lr, momentum=MOMENTUM, ns_steps=3):
-        super().__init__(groups, dict(lr=lr, momentum=momentum, weight_decay=0.0, muon=False,
-                                              ns_steps=ns_steps, normalize=False))
+        super().__init__(groups, dict(lr=lr, momentum=momentum, weight_decay=0.0, muon=False, ns_steps=ns_steps,
+                                      normalize=False))
+
+    def __setstate__(self, state):  # a checkpoint saved before a group option existed loads with its default
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("normalize", False)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -146,6 +146,20 @@ def test_a_run_saved_before_the_recipe_named_its_optimizer_resumes_with_sgd():
     assert (muon.optimizer, muon.muon_lr) == ("muon", 0.3)
 
 
+def test_an_optimizer_state_saved_before_the_normalize_option_loads_and_steps():
+    model = make_model("bn", "lean")
+    opt = make_optimizer(model, TrainConfig.resolve(optimizer="muon", muon_lr=0.2))
+    saved = opt.state_dict()
+    for g in saved["param_groups"]:
+        del g["normalize"]
+    fresh = make_optimizer(model, TrainConfig.resolve(optimizer="muon", muon_lr=0.2))
+    fresh.load_state_dict(saved)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    fresh.step()
+    assert all(g["normalize"] is False for g in fresh.param_groups)
+
+
 def test_a_muon_run_saved_before_it_named_its_newton_schulz_steps_resumes_with_5():
     saved = TrainConfig.resolve(optimizer="muon", muon_lr=0.3).to_dict()
     saved.pop("muon_ns_steps")
