@@ -13,3 +13,9 @@ python -m research.screen --layout "$SPEC" -- --norm bn --amp --preset best --se
     --quiet --no-plots --out runs/best-separable-res/bn-s2
 # the same, now the preset's own layout for bn:
 # python -m fastcifar.train --norm bn --amp --preset best --seed 2 --data $DATA
+# seeds 3 and 4 through the trainer itself, once separable-res was the preset's bn layout (at 1436f62; 1 thread
+# each, the two at once, every epoch scored); bn-s3.json and bn-s4.json are their metrics.json
+for seed in 3 4; do
+  python -m fastcifar.train --norm bn --amp --preset best --seed $seed --threads 1 --data $DATA --quiet --no-plots \
+      --out runs/best-separable-res/bn-s$seed &
+done; wait
