@@ -218,11 +218,11 @@ class Net(nn.Module):
         self.stem = PatchWhitening(stride=layout.stem_stride)
         blocks, c = [], self.stem.out_channels
         for width, pool, residual in layout.blocks:
-            block = [conv(norm, c, width, layout.separable), *([nn.MaxPool2d(2)] if pool else []),
-                     norm_relu(norm, width, fused)]
             if residual and (pool or width != c):
                 raise ValueError(f"a shortcut needs a block that keeps its input's shape ({c} -> {width} channels"
                                  f"{', pooled' if pool else ''})")
+            block = [conv(norm, c, width, layout.separable), *([nn.MaxPool2d(2)] if pool else []),
+                     norm_relu(norm, width, fused)]
             blocks += [Residual(*block)] if residual else block
             c = width
         self.features = nn.Sequential(*blocks, nn.AdaptiveMaxPool2d(1), nn.Flatten())

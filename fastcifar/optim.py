@@ -68,7 +68,7 @@ def orthogonalize(mats, steps=3, eps=1e-7):
     but the number of kernel launches."""
     a, b, c = NS_COEFFS
     out = [None] * len(mats)
-    for idx in _buckets(tuple(m.shape for m in mats), 2.0):
+    for idx in buckets([m.shape for m in mats]):
         wide = [mats[i].T if mats[i].shape[0] > mats[i].shape[1] else mats[i] for i in idx]
         rows, cols = max(w.shape[0] for w in wide), max(w.shape[1] for w in wide)
         x = mats[idx[0]].new_zeros(len(idx), rows, cols, dtype=torch.float32)
@@ -125,8 +125,10 @@ class FilterMuon(torch.optim.Optimizer):
                 grads = [torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in grads]
             if group["weight_decay"] and not group["muon"]:
                 grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-            bufs = [self.state[p]["momentum_buffer"] if "momentum_buffer" in self.state[p]
-                    else self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
             m = group["momentum"]
             if keep is None:
                 torch._foreach_mul_(bufs, m)

@@ -30,9 +30,9 @@ def layout_factory(layout, stem_stride=1):
 def muon_options_factory(weight_decay=0.0, normalize=False):
     """An optimizer factory for fit(): the recipe's optimizer, with FilterMuon's own options on its Muon groups."""
     def factory(model, cfg, **kw):
-        opt = make_optimizer(model, cfg, **kw)
         if cfg.optimizer != "muon":
             raise ValueError("--muon-wd and --muon-normalize need --optimizer muon")
+        opt = make_optimizer(model, cfg, **kw)
         for g in opt.param_groups:
             if g["muon"]:
                 g.update(weight_decay=weight_decay, normalize=normalize)
