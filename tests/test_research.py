@@ -47,3 +47,27 @@ def test_the_muon_options_reach_only_the_muon_groups_and_need_muon():
     assert all(not g["normalize"] for g in opt.param_groups if not g["muon"])
     with pytest.raises(ValueError, match="need --optimizer muon"):
         screen.muon_options_factory(0.01)(model, TrainConfig.resolve(optimizer="sgd"))
+
+
+def test_block_options_swap_the_blocks_activations_and_pools_but_not_the_stem():
+    cfg = TrainConfig.resolve(norm="bn")
+    plain = screen.layout_factory("d24p d32 d32r d48p")(cfg, False)
+    mixed = screen.block_options(screen.layout_factory("d24p d32 d32r d48p"), "gelu", "all")(cfg, False)
+    kinds = lambda m: [type(x).__name__ for x in m.features.modules()]  # noqa: E731
+    assert "ReLU" not in kinds(mixed) and kinds(mixed).count("GELU") == kinds(plain).count("ReLU") == 4
+    assert kinds(mixed).count("MixPool") == 3 and count_params(mixed) == count_params(plain)
+    mixed.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(mixed.stem(x), plain.stem(x)) and not torch.allclose(mixed.eval()(x), plain.eval()(x))
+    pool = screen.MixPool(2)
+    assert torch.equal(pool(torch.tensor([[[[0., 2.], [4., 6.]]]])), torch.tensor([[[[4.5]]]]))  # (6 + 3) / 2
+    with pytest.raises(ValueError, match="unfused norm"):
+        screen.block_options(_fused_gn_factory, "gelu")(TrainConfig.resolve(norm="gn"), True)
+
+
+def _fused_gn_factory(cfg, fused):
+    class GroupNormReLU(torch.nn.Module):  # the kernel module's name, without needing Triton
+        pass
+    model = screen.layout_factory("d24p d32")(cfg, False)
+    model.features[2] = GroupNormReLU()
+    return model
