@@ -297,7 +297,7 @@ def test_cuda_graphs_on_the_cpu_is_one_line_error(tmp_path):
 
 def test_limit_below_the_batch_size_is_one_line_error(tmp_path):
     # the last partial batch is dropped, so such a run used to train zero steps and print nan
-    r = cli("--limit", "100", "--device", "cpu", "--out", str(tmp_path / "o"))
+    r = cli("--limit", "100", "--batch-size", "128", "--device", "cpu", "--out", str(tmp_path / "o"))
     assert r.returncode == 1 and r.stderr.strip() == ("error: --limit 100 is smaller than the batch size 128, so an "
                                                       "epoch would have no training step; raise --limit or lower "
                                                       "--batch-size")
