@@ -15,6 +15,7 @@ quarter of the pixels, then global max pool and one linear layer:
   same budget buys several times the width, and fewer multiply-adds.
 - `separable-res` (the best preset for bn): separable's budget in eight pairs instead of seven, two of them
   with a shortcut (x + block(x)), the last pair on 8x8 maps.
+- `separable-res-gelu`: separable-res with GELU after each norm instead of ReLU.
 GN and LN standardize their conv weights (a separable pair: its composite filter), which lets them learn
 about as fast as BN in a few epochs.
 LayerNorm is GroupNorm with one group: statistics over (C, H, W), affine per channel, so the
@@ -39,17 +40,21 @@ def num_groups(norm, channels, min_group_size=8):
         if channels >= min_group_size else 1
 
 
-def norm_relu(norm, channels, fused=False):
-    """Norm followed by ReLU; for GN/LN optionally the fused Triton GroupNormReLU."""
-    if norm == "bn":
-        return nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+ACTIVATIONS = {"relu": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU}
+
+
+def norm_relu(norm, channels, fused=False, act="relu"):
+    """Norm followed by ReLU (or `act`); for GN/LN optionally the fused Triton GroupNormReLU, which is ReLU's
+    alone: GroupNorm and another activation run unfused."""
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+    if norm == "bn":
+        return nn.Sequential(nn.BatchNorm2d(channels), ACTIVATIONS[act]())
     groups = num_groups(norm, channels)
-    if fused:
+    if fused and act == "relu":
         from fastcifar_kernels import GroupNormReLU
         return GroupNormReLU(groups, channels)
-    return nn.Sequential(nn.GroupNorm(groups, channels), nn.ReLU(inplace=True))
+    return nn.Sequential(nn.GroupNorm(groups, channels), ACTIVATIONS[act]())
 
 
 class StandardizedConv2d(nn.Conv2d):
@@ -174,11 +179,14 @@ class Layout(NamedTuple):
     stem_stride: int
     blocks: tuple        # of Block
     separable: bool = False
+    act: str = "relu"    # the blocks' activation (the whitening stem's stays ReLU: its +-filter pairs need it)
 
     @classmethod
-    def parse(cls, spec, stem_stride=1):
+    def parse(cls, spec, stem_stride=1, act="relu"):
         """A layout from a spec such as "d36p d48 d64 d64r": c = 3x3 conv, d = depthwise + pointwise pair (all
         blocks one kind), the number its width, p a max-pool before its norm, r a shortcut around the block."""
+        if act not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(ACTIVATIONS)}")
         kinds = {tok[:1] for tok in spec.split()}
         if not spec.split() or not kinds <= {"c", "d"} or len(kinds) != 1:
             raise ValueError(f"layout spec {spec!r}: blocks are c<width>[p|r] or d<width>[p|r], all of one kind")
@@ -187,7 +195,7 @@ class Layout(NamedTuple):
             raise ValueError(f"layout spec {spec!r}: a block is its kind, a whole-number width and at most one of "
                              f"p (pool) or r (shortcut)")
         blocks = tuple(Block(int(m[1]), m[2] == "p", m[2] == "r") for m in tokens)
-        return cls(stem_stride, blocks, separable=kinds == {"d"})
+        return cls(stem_stride, blocks, separable=kinds == {"d"}, act=act)
 
 
 def _blocks(*pairs):
@@ -203,6 +211,8 @@ ARCHS = {
                                    (136, False)), separable=True),
     # separable's parameters in eight pairs, two of them behind a shortcut, the last conv on 8x8 maps
     "separable-res": Layout.parse("d36p d48 d64 d64r d80p d96 d96r d112p"),
+    # the same with GELU after each norm: smooth where ReLU is flat, for the same parameters
+    "separable-res-gelu": Layout.parse("d36p d48 d64 d64r d80p d96 d96r d112p", act="gelu"),
 }
 
 
@@ -222,7 +232,7 @@ class Net(nn.Module):
                 raise ValueError(f"a shortcut needs a block that keeps its input's shape ({c} -> {width} channels"
                                  f"{', pooled' if pool else ''})")
             block = [conv(norm, c, width, layout.separable), *([nn.MaxPool2d(2)] if pool else []),
-                     norm_relu(norm, width, fused)]
+                     norm_relu(norm, width, fused, layout.act)]
             blocks += [Residual(*block)] if residual else block
             c = width
         self.features = nn.Sequential(*blocks, nn.AdaptiveMaxPool2d(1), nn.Flatten())
