@@ -9,7 +9,8 @@ from fastcifar.optim import make_optimizer
 
 
 # the counts the README and results report; norms cost the same 2*C parameters in every variant
-KNOWN_PARAMS = {"lean": 49_514, "deep": 49_906, "deep8": 48_330, "separable": 49_598, "separable-res": 49_734}
+KNOWN_PARAMS = {"lean": 49_514, "deep": 49_906, "deep8": 48_330, "separable": 49_598, "separable-res": 49_734,
+                "separable-res-gelu": 49_734}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -22,7 +23,7 @@ def test_within_parameter_budget(norm, arch):
 
 
 @pytest.mark.parametrize("arch,size", [("lean", 16), ("deep", 32), ("deep8", 32), ("separable", 32),
-                                       ("separable-res", 32)])
+                                       ("separable-res", 32), ("separable-res-gelu", 32)])
 def test_stem_resolution(arch, size):
     m = make_model("bn", arch)
     assert m.stem(torch.randn(2, 3, 32, 32)).shape[-2:] == (size, size)
@@ -200,3 +201,18 @@ def test_a_shortcut_adds_the_blocks_input_and_costs_no_parameters():
     for bad in ("d24p d32pr", "d24p d32rp", "d24p d3x"):
         with pytest.raises(ValueError, match="at most one of"):
             Layout.parse(bad)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_a_layouts_activation_replaces_the_blocks_relus_but_not_the_stems(norm):
+    from fastcifar.models import Layout
+    relu = make_model(norm, Layout.parse("d24p d32 d32r"))
+    gelu = make_model(norm, Layout.parse("d24p d32 d32r", act="gelu"), fused=True)
+    kinds = lambda m: [type(x).__name__ for x in m.features.modules()]  # noqa: E731
+    assert "ReLU" not in kinds(gelu) and kinds(gelu).count("GELU") == 3  # the fused kernel is ReLU's: unfused
+    assert count_params(gelu) == count_params(relu)
+    gelu.load_state_dict(relu.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(gelu.stem(x), relu.stem(x)) and not torch.allclose(gelu(x), relu(x))
+    with pytest.raises(ValueError, match="unknown activation"):
+        Layout.parse("d24p d32", act="tanh")
