@@ -1,6 +1,6 @@
-# run from the repository root (2026-12-06, 2-core Intel Xeon with AMX, bf16, CIFAR-10 (JPEG copy)), with research/screen.py as of a98a621: the
-# best preset, scored at epochs 8, 14 and 20; 1 thread per run, two runs at once (times are not speeds; bn-gelu-s0 and
-# bn-mixg-s0 also shared the cores with a test run). Each <name>.json is the screen's SCREEN record with the run's
+# run from the repository root (2026-12-06, 2-core Intel Xeon with AMX, bf16, CIFAR-10 (JPEG copy)), with
+# research/screen.py as of a98a621: the best preset, scored at epochs 8, 14 and 20; 1 thread per run, two runs at once
+# (times are not speeds; bn-gelu-s0 and bn-mixg-s0 also shared the cores with a test run). Each <name>.json is the screen's SCREEN record with the run's
 # metrics.json under "metrics". Compare with separable-res's bn seeds 0 / 1 (86.28 / 86.13%, best-separable-res/)
 # and separable's gn seed 0 (84.85%, best-separable-gnln/).
 DATA=../shared/data/cifar10-jpeg.tar.gz
