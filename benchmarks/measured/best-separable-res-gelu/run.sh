@@ -14,3 +14,6 @@ python -m fastcifar.train --norm bn --amp --preset best --arch separable-res-gel
     --quiet --no-plots --out runs/best-separable-res-gelu/bn-s4
 # now the preset's own layout for bn:
 # python -m fastcifar.train --norm bn --amp --preset best --seed 4 --data $DATA
+# GELU's step against ReLU's, side by side in one run (idle, 2 threads, random data; throughput/ at a8761ac):
+python -m benchmarks.throughput --arch separable-res separable-res-gelu --norm bn --precision bf16 --threads 2 \
+    --batch-size 128 --out runs/best-separable-res-gelu/throughput
