@@ -103,7 +103,9 @@ def main(argv=None):
             optimizer_factory=muon_options_factory(a.muon_wd, a.muon_normalize) if muon_options else None,
             eval_epochs=[int(e) for e in a.eval_epochs.split(",") if e])
     m = r.metrics
-    out = {"layout": a.layout or cfg.arch, "stem_stride": a.stem_stride, "optimizer": cfg.optimizer,
+    layout = a.layout or cfg.arch
+    out = {"layout": layout, "stem_stride": ARCHS[layout].stem_stride if layout in ARCHS else a.stem_stride,
+           "optimizer": cfg.optimizer,
            "muon_lr": cfg.muon_lr, "muon_ns_steps": cfg.muon_ns_steps, "muon_wd": a.muon_wd,
            "muon_normalize": a.muon_normalize, "act": a.act, "mix_pool": a.mix_pool, "train_argv": train_argv,
            "final_test_acc": m["final_test_acc"],

@@ -22,6 +22,13 @@ def test_a_layout_screen_scores_only_the_epochs_asked_for(tmp_path, small_source
     assert json.load(open(os.path.join(out, "metrics.json")))["config"]["epochs"] == 3
 
 
+def test_a_named_layout_screen_records_that_layouts_stem_stride(tmp_path, small_source):
+    out = str(tmp_path / "s")
+    screen.main(["--layout", "lean", "--", "--norm", "bn", "--epochs", "1", "--batch-size", "32", "--limit", "64",
+                 "--tta", "off", "--data", small_source, "--device", "cpu", "--quiet", "--no-plots", "--out", out])
+    assert json.load(open(os.path.join(out, "screen.json")))["stem_stride"] == 2  # not the spec flag's default 1
+
+
 def test_step_timing_prints_a_row_per_layout_and_norm(capsys):
     step_timing.main(["--layout", "lean", "--norm", "bn", "ln", "--steps", "1", "--warmup", "0", "--batch", "8",
                       "--threads", "1", "--optimizer", "sgd", "muon"])
