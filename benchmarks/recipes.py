@@ -37,13 +37,18 @@ def record_runs(path):
     return runs
 
 
+def run_arch(r):
+    """A recorded run's arch: a metrics file's own, else a sweep run's train_config's; None where unrecorded."""
+    return r.get("arch") or (r.get("train_config") or {}).get("arch")
+
+
 def matching_runs(cfg):
     """The recorded runs of exactly this recipe (norm, preset, batch size, lr, optimizer, epochs, arch where
     recorded); records from before the recipe named its optimizer trained SGD, and Muon's from before it named its
     Newton-Schulz steps ran 5."""
     return [r for r in record_runs(RECORDS[cfg.preset][cfg.norm]) if r["norm"] == cfg.norm
             and r["preset"] == cfg.preset and (r["batch_size"], r["lr"], r["epochs_planned"]) ==
-            (cfg.batch_size, cfg.lr, cfg.epochs) and r.get("arch", cfg.arch) == cfg.arch
+            (cfg.batch_size, cfg.lr, cfg.epochs) and (run_arch(r) or cfg.arch) == cfg.arch
             and (r.get("optimizer") or "sgd", r.get("muon_lr")) == (cfg.optimizer, cfg.muon_lr)
             and (cfg.optimizer != "muon" or r.get("muon_ns_steps", 5) == cfg.muon_ns_steps)]
 

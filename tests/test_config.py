@@ -90,6 +90,16 @@ def test_every_preset_recipe_on_every_device_has_a_measured_record(preset, norm,
         assert len(runs) >= 3, f"{preset}/{norm} on {device}: {len(runs)} measured runs of this recipe"
 
 
+def test_a_recorded_run_of_another_arch_is_not_the_presets_record(monkeypatch):
+    c = TrainConfig.resolve(norm="bn", preset="fast", device_type="cpu")
+    run = {"norm": "bn", "preset": "fast", "batch_size": c.batch_size, "lr": c.lr, "epochs_planned": c.epochs,
+           "optimizer": c.optimizer, "muon_lr": c.muon_lr, "muon_ns_steps": c.muon_ns_steps}
+    runs = [dict(run, train_config={"arch": c.arch}), dict(run, train_config={"arch": "deep"}), dict(run, arch="deep"),
+            run]  # the last recorded no arch: taken as the preset's
+    monkeypatch.setattr("benchmarks.recipes.record_runs", lambda path: runs)
+    assert matching_runs(c) == [runs[0], runs[3]]
+
+
 def test_the_recipe_does_not_change_with_the_device():
     for preset in PRESETS:
         for norm in NORMS:
