@@ -205,6 +205,7 @@ def _blocks(*pairs):
 # every layout stays under PARAM_BUDGET
 ARCHS = {
     "lean": Layout(2, _blocks((32, True), (32, False), (46, True), (46, False))),  # 16 -> 8 -> 4
+    "lean-gelu": Layout(2, _blocks((32, True), (32, False), (46, True), (46, False)), act="gelu"),
     "deep": Layout(1, _blocks((20, True), (20, False), (32, True), (32, False), (40, True), (40, False))),  # 32 -> 4
     "deep8": Layout(1, _blocks((20, True), (28, False), (36, True), (40, False), (44, True))),  # 32 -> 16 -> 8 -> 4
     "separable": Layout(1, _blocks((36, True), (48, False), (64, False), (72, True), (104, False), (104, True),

@@ -9,7 +9,7 @@ from fastcifar.optim import make_optimizer
 
 
 # the counts the README and results report; norms cost the same 2*C parameters in every variant
-KNOWN_PARAMS = {"lean": 49_514, "deep": 49_906, "deep8": 48_330, "separable": 49_598, "separable-res": 49_734,
+KNOWN_PARAMS = {"lean": 49_514, "lean-gelu": 49_514, "deep": 49_906, "deep8": 48_330, "separable": 49_598, "separable-res": 49_734,
                 "separable-res-gelu": 49_734}
 
 
@@ -23,7 +23,8 @@ def test_within_parameter_budget(norm, arch):
 
 
 @pytest.mark.parametrize("arch,size", [("lean", 16), ("deep", 32), ("deep8", 32), ("separable", 32),
-                                       ("separable-res", 32), ("separable-res-gelu", 32)])
+                                       ("separable-res", 32), ("separable-res-gelu", 32),
+                                       ("lean-gelu", 16)])
 def test_stem_resolution(arch, size):
     m = make_model("bn", arch)
     assert m.stem(torch.randn(2, 3, 32, 32)).shape[-2:] == (size, size)
