@@ -94,8 +94,8 @@ def test_a_recorded_run_of_another_arch_is_not_the_presets_record(monkeypatch):
     c = TrainConfig.resolve(norm="bn", preset="fast", device_type="cpu")
     run = {"norm": "bn", "preset": "fast", "batch_size": c.batch_size, "lr": c.lr, "epochs_planned": c.epochs,
            "optimizer": c.optimizer, "muon_lr": c.muon_lr, "muon_ns_steps": c.muon_ns_steps}
-    runs = [dict(run, train_config={"arch": c.arch}), dict(run, train_config={"arch": "deep"}), dict(run, arch="deep"),
-            run]  # the last recorded no arch: taken as the preset's
+    runs = [dict(run, train_config={"arch": c.arch}), dict(run, train_config={"arch": "deep"}),
+            dict(run, arch="deep"), run]  # the last recorded no arch: taken as the preset's
     monkeypatch.setattr("benchmarks.recipes.record_runs", lambda path: runs)
     assert matching_runs(c) == [runs[0], runs[3]]
 
